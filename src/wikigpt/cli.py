@@ -1,0 +1,133 @@
+"""The `wikigpt` command. Each subcommand is a settings class (its flags and help come from the
+class's documented fields) plus a function that runs it.
+
+argparse is built from the pydantic fields here, by hand, because we want exactly one
+precedence rule (flag > WIKIGPT_* env var > default), kebab-case flags with the field's
+docstring as help, and every failure, including validation, to leave through the one
+error-to-exit-code mapping in errors.py; pydantic-settings' own CLI source mixes env parsing
+into argparse and exits on its own. Heavy imports (torch) happen inside the commands so that
+`wikigpt ui` and `--help` stay fast and torch-free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from . import __version__
+from .errors import WikigptError
+from .settings import GenerateSettings, build
+
+
+@dataclass
+class Command:
+    settings: type[BaseModel]
+    run: Callable[[Any], int | None]
+    positional: tuple[str, ...] = ()
+
+
+def _quiet_transformers() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def run_generate(s: GenerateSettings) -> int:
+    _quiet_transformers()
+    from .generation import stream
+    from .modeling import load_model
+    from .settings import SamplingParams
+
+    lm = load_model(s)
+    params = SamplingParams(**{k: getattr(s, k) for k in SamplingParams.model_fields})
+    out = sys.stdout
+    out.write(s.prompt)
+    out.flush()
+    for piece in stream(lm, s.prompt, params):
+        out.write(piece)
+        out.flush()
+    out.write("\n")
+    out.flush()
+    return 0
+
+
+COMMANDS: dict[str, Command] = {
+    "generate": Command(GenerateSettings, run_generate, positional=("prompt",)),
+}
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser, cls: type[BaseModel], positional=()) -> None:
+    """One flag per field, documented by the field's docstring."""
+    prefix = cls.model_config.get("env_prefix", "")
+    for name, field in cls.model_fields.items():
+        tp = _unwrap_optional(field.annotation)
+        origin = typing.get_origin(tp)
+        help_text = (field.description or "").replace("%", "%%")
+        if name in positional:
+            parser.add_argument(name, help=help_text, default=argparse.SUPPRESS)
+            continue
+        default = field.get_default(call_default_factory=True)
+        extra = f" [default: {default!r}" + (f"; env {prefix}{name.upper()}]" if prefix else "]")
+        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text + extra}
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif origin is list:
+            kwargs.update(action="append", metavar=name.upper())
+        elif origin is Literal:
+            kwargs["choices"] = [str(c) for c in typing.get_args(tp)]
+        else:
+            kwargs["metavar"] = name.upper()
+        parser.add_argument("--" + name.replace("_", "-"), **kwargs)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wikigpt",
+        description="Fine-tune a GPT-2-family model on WikiText, measure it, and serve it.",
+    )
+    parser.add_argument("--version", action="version", version=f"wikigpt {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, cmd in COMMANDS.items():
+        doc = (cmd.settings.__doc__ or "").strip()
+        p = sub.add_parser(name, help=doc.splitlines()[0] if doc else None, description=doc)
+        add_settings_arguments(p, cmd.settings, cmd.positional)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(make_parser().parse_args(argv))
+    cmd = COMMANDS[args.pop("command")]
+    try:
+        settings = build(cmd.settings, args)
+        return int(cmd.run(settings) or 0)
+    except WikigptError as exc:
+        print(f"wikigpt: error: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("wikigpt: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `wikigpt generate ... | head` closed the pipe: not an error
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

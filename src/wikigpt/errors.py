@@ -1,0 +1,63 @@
+"""Typed errors and the one table that maps them to HTTP status codes and CLI exit codes.
+
+Every module raises these (never a bare Exception for a user mistake); the CLI and the API
+read `exit_code` / `http_status` from here, so a new error type is mapped in one place.
+"""
+
+from __future__ import annotations
+
+
+class WikigptError(Exception):
+    """Base class: a failure with a message meant for a person, not a traceback."""
+
+    exit_code = 1
+    http_status = 500
+    error_type = "server_error"
+    param: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if param is not None:
+            self.param = param
+
+
+class ConfigError(WikigptError):
+    """A setting or argument is invalid (bad flag value, unknown preset, missing data)."""
+
+    exit_code = 2
+    http_status = 400
+    error_type = "invalid_request_error"
+
+
+class ModelNotFoundError(ConfigError):
+    """The model id or directory could not be found, downloaded or read."""
+
+    http_status = 404
+    error_type = "not_found_error"
+
+
+class InvalidRequestError(ConfigError):
+    """A client sent a request the server cannot serve (empty prompt, prompt too long, ...)."""
+
+
+class AuthenticationError(WikigptError):
+    exit_code = 2
+    http_status = 401
+    error_type = "authentication_error"
+
+
+class OverloadedError(WikigptError):
+    """The request queue is full; the client should retry later."""
+
+    exit_code = 3
+    http_status = 503
+    error_type = "overloaded_error"
+
+    def __init__(self, message: str, *, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class NotReadyError(OverloadedError):
+    """The model is still loading."""

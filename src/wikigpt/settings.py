@@ -1,0 +1,109 @@
+"""Settings, one class per stage. Each field's docstring is its documentation: the CLI help,
+the README and error messages are generated from it (`use_attribute_docstrings`).
+
+Every setting is read, in order of priority, from a CLI flag (`--max-new-tokens`), an
+environment variable (`WIKIGPT_MAX_NEW_TOKENS`) or the default declared here. Defaults
+finish in minutes on a laptop CPU; full-size runs live in the preset files under `configs/`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .errors import ConfigError
+
+DEFAULT_MODEL = "distilbert/distilgpt2"
+
+
+class SamplingParams(BaseModel):
+    """How to pick each next token. Shared by the CLI, the engine and the API schemas.
+
+    Defaults: nucleus sampling at temperature 0.8 (the original project decoded greedily and
+    its output degenerated into pages of newlines); temperature 0 means greedy.
+    """
+
+    model_config = ConfigDict(use_attribute_docstrings=True, extra="forbid")
+
+    max_new_tokens: int = Field(64, ge=1, le=4096)
+    """Most tokens to generate after the prompt."""
+    temperature: float = Field(0.8, ge=0.0, le=5.0)
+    """Softmax temperature; 0 decodes greedily (deterministic)."""
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    """Nucleus sampling: keep the smallest set of tokens whose probability sums to this."""
+    top_k: int = Field(50, ge=0, le=100_000)
+    """Keep only the k most likely tokens (0 disables the cut)."""
+    repetition_penalty: float = Field(1.1, ge=1.0, le=2.0)
+    """Divide the logits of tokens already present by this (1.0 disables it). 1.1 is mild:
+    it breaks greedy loops without stopping names and dates from being repeated."""
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    """Random seed; the same seed, prompt and settings give the same text."""
+    stop: list[str] = Field(default_factory=list, max_length=16)
+    """Stop strings: generation ends before the first occurrence of any of them."""
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, value: list[str]) -> list[str]:
+        if any(s == "" for s in value):
+            raise ValueError("stop strings must not be empty")
+        return value
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class _Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="WIKIGPT_", use_attribute_docstrings=True, extra="forbid", validate_default=True
+    )
+
+
+class ModelSettings(_Settings):
+    """Which model to load and where to run it."""
+
+    model: str = DEFAULT_MODEL
+    """Hugging Face Hub id (downloaded once into the HF cache) or a local model directory."""
+    revision: str | None = None
+    """Hub branch, tag or commit to load (Hub ids only)."""
+    device: str = "auto"
+    """'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:N' or 'mps'."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weight dtype; 'auto' is bfloat16 on GPUs and float32 on CPUs (measured: see modeling.py)."""
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        base = value.split(":", 1)[0]
+        if base not in {"auto", "cpu", "cuda", "mps"}:
+            raise ValueError("must be one of auto, cpu, cuda, cuda:N, mps")
+        return value
+
+
+class GenerateSettings(ModelSettings, SamplingParams):
+    """Continue a prompt and stream the text to the terminal as it is generated."""
+
+    prompt: str = Field(min_length=1)
+    """The text to continue."""
+
+
+def build(cls: type[BaseModel], values: dict) -> BaseModel:
+    """Build settings from explicit values (CLI flags) over env vars and defaults.
+
+    A validation failure becomes one ConfigError naming each bad setting as its CLI flag.
+    """
+    try:
+        return cls(**values)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc)) from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        name = ".".join(str(p) for p in err["loc"]) or "input"
+        flag = "--" + name.replace("_", "-") if err["loc"] else name
+        parts.append(f"{flag}: {err['msg']}")
+    return "invalid settings: " + "; ".join(parts)

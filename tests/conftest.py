@@ -1,0 +1,82 @@
+"""Shared fixtures: a tiny random GPT-2 with its own small tokenizer, built in a temp dir.
+
+Nothing here needs the network or the files in ../shared: the tokenizer is a byte-level BPE
+trained in-process on a paragraph of text, so fast tests run anywhere. Tests that need the
+real GPT-2 tokenizer or WikiText use `shared_tokenizer_dir` / `wikitext_dir`, which skip
+cleanly when ../shared is absent.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("WIKIGPT_SHARED", REPO.parent / "shared"))
+
+CORPUS = """ = Data science =
+Data science is an interdisciplinary field that uses statistics, scientific computing,
+scientific methods, processes, algorithms and systems to extract or extrapolate knowledge
+and insights from noisy, structured and unstructured data. The history of the Roman Empire
+covers the history of ancient Rome from the fall of the Roman Republic in 27 BC until the
+abdication of Romulus Augustulus in AD 476 in the West. Wikipedia is a free online
+encyclopedia written and maintained by a community of volunteers.
+"""
+
+
+def make_tiny_model(out_dir: Path, n_layer: int = 2, n_embd: int = 64, n_positions: int = 256) -> Path:
+    """A 2-layer random GPT-2 (~0.1 M params) and a 512-token BPE tokenizer, saved like a real model."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast, set_seed
+
+    from wikigpt.modeling import save_model
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([CORPUS] * 4, vocab_size=512, min_frequency=1, special_tokens=["<|endoftext|>"])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>", model_max_length=n_positions,
+    )
+    eos = tok.convert_tokens_to_ids("<|endoftext|>")
+    set_seed(0)
+    cfg = GPT2Config(
+        vocab_size=len(tok), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=2,
+        bos_token_id=eos, eos_token_id=eos,
+    )
+    model = GPT2LMHeadModel(cfg)
+    tok.pad_token = tok.eos_token
+    return save_model(model, tok, out_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tiny_model_dir):
+    from wikigpt.modeling import load_model
+    from wikigpt.settings import ModelSettings
+
+    return load_model(ModelSettings(model=str(tiny_model_dir), device="cpu"))
+
+
+@pytest.fixture(scope="session")
+def shared_tokenizer_dir() -> Path:
+    path = SHARED / "models" / "gpt2-tokenizer"
+    if not (path / "tokenizer.json").is_file():
+        pytest.skip(f"real GPT-2 tokenizer not found at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def wikitext_dir() -> Path:
+    path = SHARED / "data" / "wikitext-2-raw"
+    if not (path / "wiki.valid.raw").is_file():
+        pytest.skip(f"WikiText-2 raw splits not found at {path}")
+    return path

@@ -1,0 +1,84 @@
+import pytest
+
+from wikigpt.generation import ContinuationFilter, clean_continuation, collapse_blank_lines, generate, stream
+from wikigpt.settings import SamplingParams
+
+
+def test_blank_line_runs_collapse_to_one():
+    assert collapse_blank_lines("a\n\n\n\n\nb") == "a\n\nb"
+    assert collapse_blank_lines("a\n \n\t\n  \nb") == "a\n\nb"
+    assert collapse_blank_lines("a\n\nb\nc") == "a\n\nb\nc"  # one blank line is kept
+    assert clean_continuation(" text\n\n\n\n\n") == " text"  # trailing runs dropped
+
+
+@pytest.mark.parametrize("raw, stop, want", [
+    (" one. two. three", ["two"], " one."),
+    (" a\n\n\n\nb\n\n\nc END d", ["END"], " a\n\nb\n\nc"),
+    (" no stop here", ["zzz"], " no stop here"),
+    (" x\n\ny", ["\n\n"], " x"),
+])
+def test_filter_gives_the_same_text_whatever_the_chunking(raw, stop, want):
+    assert clean_continuation(raw, stop) == want
+    for size in (1, 2, 3, 7):
+        f = ContinuationFilter(stop)
+        out = "".join(f.feed(raw[i:i + size]) for i in range(0, len(raw), size)) + f.finish()
+        assert out == want, size
+
+
+def test_filter_never_shows_a_partial_stop_string():
+    f = ContinuationFilter(["STOP"])
+    assert f.feed(" hello ST") == " hello"
+    assert f.feed("O") == ""
+    assert f.feed("P and more") == "" and f.done
+
+
+def test_same_seed_same_text(tiny_lm):
+    p = SamplingParams(max_new_tokens=24, seed=123)
+    a, b = generate(tiny_lm, "Data science is", p), generate(tiny_lm, "Data science is", p)
+    assert a == b and a.startswith("Data science is") and len(a) > len("Data science is")
+    others = {generate(tiny_lm, "Data science is", p.model_copy(update={"seed": s})) for s in range(1, 6)}
+    assert len(others | {a}) > 1  # sampling does depend on the seed
+
+
+def test_temperature_zero_is_greedy(tiny_lm):
+    """Greedy ignores the seed and equals argmax decoding done by hand."""
+    import torch
+
+    p = SamplingParams(max_new_tokens=10, temperature=0.0, repetition_penalty=1.0)
+    texts = {generate(tiny_lm, "The history of", p.model_copy(update={"seed": s})) for s in (1, 2, 3)}
+    assert len(texts) == 1
+    tok, model = tiny_lm.tokenizer, tiny_lm.model
+    ids = tok("The history of", return_tensors="pt").input_ids
+    with torch.no_grad():
+        for _ in range(10):
+            nxt = model(ids).logits[0, -1].argmax()
+            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+    by_hand = tok.decode(ids[0], skip_special_tokens=True)
+    from wikigpt.generation import clean_continuation
+    prompt_len = len("The history of")
+    assert texts.pop() == "The history of" + clean_continuation(by_hand[prompt_len:])
+
+
+def test_stop_strings_stop(tiny_lm):
+    p = SamplingParams(max_new_tokens=30, temperature=0.0)
+    full = generate(tiny_lm, "Data science is", p)
+    cont = full[len("Data science is"):]
+    stop = cont.strip()[len(cont.strip()) // 2:][:3]  # a piece from the middle of the output
+    assert stop.strip(), cont
+    cut = generate(tiny_lm, "Data science is", p.model_copy(update={"stop": [stop]}))
+    assert stop not in cut[len("Data science is"):]
+    assert full.startswith(cut.rstrip())
+    assert len(cut) < len(full)
+
+
+def test_generate_streams_in_pieces(tiny_lm):
+    p = SamplingParams(max_new_tokens=40, seed=7, repetition_penalty=1.0)
+    pieces = list(stream(tiny_lm, "Wikipedia is", p))
+    assert len(pieces) > 3
+    assert "Wikipedia is" + "".join(pieces) == generate(tiny_lm, "Wikipedia is", p)
+
+
+def test_closing_the_stream_early_stops_generation(tiny_lm):
+    it = stream(tiny_lm, "Wikipedia is", SamplingParams(max_new_tokens=4000 // 4, seed=1))
+    next(it)
+    it.close()  # joins the worker: would hang for the full 1000 tokens if not stopped
