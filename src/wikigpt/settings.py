@@ -89,6 +89,36 @@ class GenerateSettings(ModelSettings, SamplingParams):
     """The text to continue."""
 
 
+class UISettings(_Settings):
+    """Serve the web UI (Streamlit), a page that talks to a running `wikigpt serve` over HTTP."""
+
+    api_url: str = "http://127.0.0.1:5000"
+    """Base URL of the wikigpt API (`wikigpt serve`); Docker Compose sets http://backend:5000."""
+    api_key: str | None = None
+    """Bearer token sent to the API, if the API was started with one."""
+    host: str = "127.0.0.1"
+    """Address the UI listens on; 0.0.0.0 exposes it to the network (only inside a container)."""
+    port: int = Field(8501, ge=1, le=65535)
+    """Port the UI listens on."""
+    connect_timeout: float = Field(3.0, gt=0, le=120)
+    """Seconds to wait for the API to accept a connection before saying it is unreachable."""
+    read_timeout: float = Field(60.0, gt=0, le=3600)
+    """Seconds to wait for the API's answer, and for each next piece of a streamed answer,
+    before saying it is too slow (the page never hangs on a stuck backend)."""
+    status_interval: float = Field(10.0, ge=0, le=3600)
+    """Seconds between live backend status checks in the sidebar; 0 checks only on page actions."""
+    notebooks_dir: str | None = None
+    """Directory holding train.ipynb and inference.ipynb for the download buttons; unset: the
+    source checkout's notebooks/ folder, then ./notebooks."""
+
+    @field_validator("api_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")) or len(value) <= len("https://"):
+            raise ValueError("must be an http:// or https:// URL, e.g. http://127.0.0.1:5000")
+        return value.rstrip("/")
+
+
 def build(cls: type[BaseModel], values: dict) -> BaseModel:
     """Build settings from explicit values (CLI flags) over env vars and defaults.
 
