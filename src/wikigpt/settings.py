@@ -119,6 +119,38 @@ class UISettings(_Settings):
         return value.rstrip("/")
 
 
+class DataSettings(_Settings):
+    """Where training and evaluation text comes from, and where its token cache lives."""
+
+    data: str | None = "wikitext-2-raw-v1"
+    """Text source: a WikiText config on the Hugging Face Hub (wikitext-2-raw-v1,
+    wikitext-103-raw-v1), any Hub dataset with a 'text' column as hf:NAME[:CONFIG], or a local
+    folder holding wiki.train.raw, wiki.valid.raw, wiki.test.raw. Ignored (and must not be
+    given) when --train-file/--validation-file/--test-file name the files."""
+    train_file: str | None = None
+    """A UTF-8 text file to train on (WikiText layout or any text)."""
+    validation_file: str | None = None
+    """A UTF-8 text file to validate on; without one, --validation-split-percent of the
+    training text is held out."""
+    test_file: str | None = None
+    """A UTF-8 text file for the test split (used by `wikigpt evaluate`)."""
+    validation_split_percent: float = Field(5.0, ge=0.0, lt=100.0)
+    """When the source has no validation split, hold out this percentage of the training
+    articles (the last ones) as validation, as run_clm does; 0 trains without validation."""
+    tokenizer: str | None = None
+    """Tokenizer (Hub id or local directory); default: the model's (--model)."""
+    cache_dir: str = "~/.cache/wikigpt/data"
+    """Folder for token caches (a uint16 memmap + JSON metadata per split, keyed by a hash of
+    the data files, split and tokenizer); a second run reuses them."""
+
+
+class PrepareSettings(DataSettings):
+    """Tokenize a data source into the cached token streams that training reads, with counts."""
+
+    model: str = DEFAULT_MODEL
+    """Model whose tokenizer to use when --tokenizer is not given (Hub id or local directory)."""
+
+
 def build(cls: type[BaseModel], values: dict) -> BaseModel:
     """Build settings from explicit values (CLI flags) over env vars and defaults.
 
