@@ -23,8 +23,8 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from . import __version__
-from .errors import WikigptError
-from .settings import GenerateSettings, build
+from .errors import ConfigError, WikigptError
+from .settings import GenerateSettings, UISettings, build
 
 
 @dataclass
@@ -61,8 +61,41 @@ def run_generate(s: GenerateSettings) -> int:
     return 0
 
 
+def streamlit_command(s: UISettings) -> tuple[list[str], dict[str, str]]:
+    """`streamlit run ui.py` with our server flags, and the environment that hands ui.py its
+    settings (the page reads UISettings from WIKIGPT_* variables on every run)."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ui.py")
+    argv = [
+        sys.executable, "-m", "streamlit", "run", script,
+        "--server.address", s.host, "--server.port", str(s.port), "--server.headless", "true",
+        "--browser.gatherUsageStats", "false",  # no telemetry
+        "--client.showErrorDetails", "none",  # even a bug must not put a traceback in the page
+        "--client.toolbarMode", "minimal", "--server.fileWatcherType", "none",
+    ]
+    env = dict(os.environ)
+    for name, value in s.model_dump().items():
+        if value is None:
+            env.pop(f"WIKIGPT_{name.upper()}", None)
+        else:
+            env[f"WIKIGPT_{name.upper()}"] = str(value)
+    return argv, env
+
+
+def run_ui(s: UISettings) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("streamlit") is None:
+        raise ConfigError("the web UI needs Streamlit: pip install 'wikigpt[ui]'")
+    argv, env = streamlit_command(s)
+    print(f"wikigpt ui: http://{s.host}:{s.port} talking to the API at {s.api_url}", file=sys.stderr, flush=True)
+    # exec, not a child process: Ctrl-C and `docker stop` (SIGTERM) reach Streamlit directly.
+    os.execve(argv[0], argv, env)
+    return 0  # not reached
+
+
 COMMANDS: dict[str, Command] = {
     "generate": Command(GenerateSettings, run_generate, positional=("prompt",)),
+    "ui": Command(UISettings, run_ui),
 }
 
 
@@ -95,7 +128,9 @@ def add_settings_arguments(parser: argparse.ArgumentParser, cls: type[BaseModel]
             kwargs["choices"] = [str(c) for c in typing.get_args(tp)]
         else:
             kwargs["metavar"] = name.upper()
-        parser.add_argument("--" + name.replace("_", "-"), **kwargs)
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        flag = extra.get("cli_flag") or "--" + name.replace("_", "-")  # e.g. json_output -> --json
+        parser.add_argument(flag, **kwargs)
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,485 @@
+"""The web UI: a Streamlit page where the model behind `wikigpt serve` continues your text.
+
+Run it with `wikigpt ui` (or `make run`, which starts the API as well). The page talks to the
+API only over HTTP (no torch, no transformers, nothing of wikigpt that loads a model), so the
+UI image installs `wikigpt[ui]` alone. Every way the backend can fail (down, slow, an error
+answer, a broken stream) ends as a message in the page that says what failed, the URL tried
+and how to start the backend, with a retry button; the HTTP timeouts bound every wait.
+
+Streamlit runs this file as a script (`streamlit run`), top to bottom on every interaction;
+the HTTP client above the page code is plain functions, usable without Streamlit.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+import streamlit as st
+
+from wikigpt.settings import SamplingParams, UISettings
+
+EXAMPLES = (
+    "Data Science is",
+    "The history of the Roman Empire",
+    "Alan Turing was",
+    "In 1969, the Apollo 11 mission",
+    "The city of Paris",
+)
+NOTEBOOKS = (
+    ("train.ipynb", "Training notebook", "Fine-tune the model on WikiText with the wikigpt package."),
+    ("inference.ipynb", "Inference notebook", "Load a model and generate text with the wikigpt package."),
+)
+START_HINT = (
+    "Start the backend with `wikigpt serve` (or `make run`, which starts the API and this UI "
+    "together), or point the UI at a running one with `wikigpt ui --api-url URL` / `WIKIGPT_API_URL`."
+)
+
+
+# ---------------------------------------------------------------- HTTP client (no Streamlit)
+
+
+class BackendError(Exception):
+    """A backend failure told for a person: what failed, why, and the URL tried."""
+
+    def __init__(self, title: str, detail: str, url: str, *, kind: str = "error") -> None:
+        super().__init__(f"{title}: {detail} ({url})")
+        self.title, self.detail, self.url, self.kind = title, detail, url, kind
+
+    def as_dict(self) -> dict:
+        return {"title": self.title, "detail": self.detail, "url": self.url, "kind": self.kind}
+
+
+@dataclass
+class Completion:
+    """What a streamed completion reported besides its text."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    usage: dict | None = None
+    done: bool = False
+    seconds: float = 0.0
+    pieces: list[str] = field(default_factory=list)
+
+
+def _headers(s: UISettings) -> dict[str, str]:
+    return {"Authorization": f"Bearer {s.api_key}"} if s.api_key else {}
+
+
+def _request_failure(exc: requests.RequestException, url: str, s: UISettings) -> BackendError:
+    # requests raises ReadTimeout before the response starts, but a stream that stalls later
+    # surfaces as ConnectionError wrapping urllib3's ReadTimeoutError: both are "too slow".
+    if isinstance(exc, requests.ConnectTimeout):
+        return BackendError(
+            "The backend did not accept the connection",
+            f"no answer within {s.connect_timeout:g} s (--connect-timeout). Is the host right and up?",
+            url, kind="timeout",
+        )
+    if isinstance(exc, requests.ReadTimeout) or "timed out" in str(exc).lower():
+        return BackendError(
+            "The backend is too slow",
+            f"nothing arrived for {s.read_timeout:g} s (--read-timeout). It may be overloaded or "
+            "still loading the model; retry in a moment.",
+            url, kind="timeout",
+        )
+    if isinstance(exc, requests.exceptions.ChunkedEncodingError):
+        return BackendError(
+            "The backend closed the stream early", "the connection dropped mid-answer: did the backend stop?",
+            url, kind="unreachable",
+        )
+    if isinstance(exc, requests.ConnectionError):
+        return BackendError(
+            "Cannot reach the backend", "the connection was refused or dropped: is `wikigpt serve` running?",
+            url, kind="unreachable",
+        )
+    return BackendError("The request to the backend failed", type(exc).__name__, url)
+
+
+def _http_error(resp: requests.Response, url: str) -> BackendError:
+    """The API's JSON error ({"error": {"message", "type", "param"}}), or the start of the body."""
+    try:
+        err = resp.json()["error"]
+        detail = str(err["message"])
+        if err.get("param"):
+            detail += f" (parameter: {err['param']})"
+    except (ValueError, KeyError, TypeError):
+        detail = resp.text.strip()[:300] or resp.reason or "no details"
+    kind = "not_ready" if resp.status_code == 503 else "http"
+    return BackendError(f"The backend answered HTTP {resp.status_code}", detail, url, kind=kind)
+
+
+def fetch_health(s: UISettings) -> dict:
+    """GET / of the API: {"status": "ok", "model": ..., ...}; BackendError when it is not healthy."""
+    url = s.api_url + "/"
+    try:
+        resp = requests.get(url, headers=_headers(s), timeout=(s.connect_timeout, min(s.read_timeout, 10.0)))
+    except requests.RequestException as exc:
+        raise _request_failure(exc, url, s) from None
+    if resp.status_code != 200:
+        raise _http_error(resp, url)
+    try:
+        health = resp.json()
+    except ValueError:
+        health = None
+    if not isinstance(health, dict):
+        raise BackendError(
+            "Something else answers at this URL", "its GET / is not the wikigpt health JSON", url,
+            kind="protocol",
+        )
+    return health
+
+
+def _sse_data(resp: requests.Response) -> Iterator[str]:
+    """The `data:` payloads of a server-sent-event stream.
+
+    Parsed by hand: the OpenAI-style stream uses only `data:` fields and the framing is a dozen
+    lines, not worth a dependency in the UI image. Comments (`: ping`) and other fields are
+    skipped; multi-line data is joined with newlines as the SSE spec says.
+    """
+    data: list[str] = []
+    for raw in resp.iter_lines():
+        line = raw.decode("utf-8", errors="replace")
+        if not line:
+            if data:
+                yield "\n".join(data)
+                data = []
+        elif line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
+    if data:
+        yield "\n".join(data)
+
+
+def stream_completion(
+    s: UISettings, prompt: str, sampling: dict, out: Completion, model: str | None = None
+) -> Iterator[str]:
+    """Stream the continuation of `prompt` from POST /v1/completions, piece by piece.
+
+    Fills `out` as it goes (text, finish reason, usage), so a caller keeps the partial text
+    when the stream fails; every failure is raised as a BackendError.
+    """
+    url = s.api_url + "/v1/completions"
+    body = {"prompt": prompt, "stream": True, "stream_options": {"include_usage": True}, **sampling}
+    if model:
+        body["model"] = model
+    started = time.perf_counter()
+    try:
+        with requests.post(
+            url, json=body, headers=_headers(s), stream=True, timeout=(s.connect_timeout, s.read_timeout)
+        ) as resp:
+            if resp.status_code != 200:
+                raise _http_error(resp, url)
+            if "text/event-stream" not in resp.headers.get("content-type", ""):
+                raise BackendError(
+                    "The backend did not stream", "expected server-sent events (text/event-stream)", url,
+                    kind="protocol",
+                )
+            for data in _sse_data(resp):
+                if data.strip() == "[DONE]":
+                    out.done = True
+                    return
+                try:
+                    chunk = json.loads(data)
+                except ValueError:
+                    raise BackendError(
+                        "The backend sent an unreadable event", data[:200], url, kind="protocol"
+                    ) from None
+                if isinstance(chunk, dict) and chunk.get("error"):
+                    err = chunk["error"]
+                    detail = err.get("message", str(err)) if isinstance(err, dict) else str(err)
+                    raise BackendError("The backend failed while generating", detail, url)
+                out.usage = chunk.get("usage") or out.usage
+                for choice in chunk.get("choices") or ():
+                    out.finish_reason = choice.get("finish_reason") or out.finish_reason
+                    piece = choice.get("text") or ""
+                    if piece:
+                        out.text += piece
+                        out.pieces.append(piece)
+                        out.seconds = time.perf_counter() - started
+                        yield piece
+    except requests.RequestException as exc:
+        raise _request_failure(exc, url, s) from None
+    finally:
+        out.seconds = time.perf_counter() - started
+    raise BackendError(
+        "The backend closed the stream early", "the answer stopped before its end marker ([DONE])", url,
+        kind="protocol",
+    )
+
+
+def find_notebook(s: UISettings, name: str) -> tuple[Path | None, list[Path]]:
+    """The notebook file and the places looked at: the configured directory, else the source
+    checkout's notebooks/ (editable installs), else ./notebooks (a container's work dir)."""
+    if s.notebooks_dir:
+        places = [Path(s.notebooks_dir)]
+    else:
+        places = [Path(__file__).resolve().parents[2] / "notebooks", Path.cwd() / "notebooks"]
+    for place in places:
+        if (place / name).is_file():
+            return place / name, places
+    return None, places
+
+
+# ---------------------------------------------------------------- page helpers
+
+# Backslash-escape every character Markdown (or Streamlit's :color[] / $math$ directives)
+# could read as syntax: the model writes raw text, and wiki text is full of = # * [ ] | $.
+_MARKDOWN_SYNTAX = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~:$=^&])")
+
+
+def escape_markdown(text: str) -> str:
+    return _MARKDOWN_SYNTAX.sub(r"\\\1", text).replace("\n", "  \n")
+
+
+def highlight_prompt(prompt: str) -> str:
+    """The prompt as highlighted bold text (line by line: a directive cannot span lines)."""
+    lines = (f":blue-background[**{escape_markdown(line)}**]" if line.strip() else "" for line in prompt.split("\n"))
+    return "  \n".join(lines)
+
+
+def sampling_request(state) -> dict:
+    """The sidebar's sampling settings as /v1/completions fields (OpenAI names, vLLM extras)."""
+    seed = state.get("seed")
+    body = {
+        "max_tokens": int(state["max_new_tokens"]),
+        "temperature": float(state["temperature"]),
+        "top_p": float(state["top_p"]),
+        "top_k": int(state["top_k"]),
+        "repetition_penalty": float(state["repetition_penalty"]),
+    }
+    if seed is not None:
+        body["seed"] = int(seed)
+    return body
+
+
+def describe_size(n: object) -> str | None:
+    if not isinstance(n, int | float) or n <= 0:
+        return None
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M" if n >= 1e6 else f"{n / 1e3:.1f} k"
+
+
+# ---------------------------------------------------------------- the page
+
+
+def _field_help(name: str) -> str:
+    return SamplingParams.model_fields[name].description or ""
+
+
+def _sidebar_settings() -> None:
+    defaults = SamplingParams()
+    st.header("Sampling", divider="gray")
+    st.slider(
+        "Max new tokens", 1, 512, defaults.max_new_tokens,
+        key="max_new_tokens", help=_field_help("max_new_tokens"),
+    )
+    st.slider(
+        "Temperature", 0.0, 2.0, defaults.temperature, 0.05, key="temperature", help=_field_help("temperature"),
+    )
+    st.slider("Top-p", 0.05, 1.0, defaults.top_p, 0.05, key="top_p", help=_field_help("top_p"))
+    st.number_input("Top-k", 0, 1000, defaults.top_k, key="top_k", help=_field_help("top_k"))
+    st.slider(
+        "Repetition penalty", 1.0, 2.0, defaults.repetition_penalty, 0.05, key="repetition_penalty",
+        help=_field_help("repetition_penalty"),
+    )
+    st.number_input(
+        "Seed", 0, 2**31 - 1, None, key="seed", placeholder="random", help=_field_help("seed") + " Empty: random.",
+    )
+
+
+def _queue_prompt(prompt: str, drop_turn: int | None = None) -> None:
+    if drop_turn is not None and drop_turn < len(st.session_state.turns):
+        st.session_state.turns.pop(drop_turn)
+    st.session_state.pending = prompt
+
+
+def _clear() -> None:
+    st.session_state.turns = []
+    st.session_state.pending = None
+
+
+def _show_error(err: dict, *, retry_label: str, key: str, on_retry, args=()) -> None:
+    st.error(
+        f"**{err['title']}.** {err['detail']}  \nURL tried: `{err['url']}`"
+        + (f"  \n{START_HINT}" if err["kind"] in {"unreachable", "timeout"} else ""),
+        icon=":material/error:",
+    )
+    st.button(retry_label, key=key, on_click=on_retry, args=args, icon=":material/refresh:")
+
+
+def _model_panel(health: dict) -> None:
+    st.markdown(f"**Model** `{health.get('model', 'unknown')}`")
+    facts = []
+    size = describe_size(health.get("n_params") or health.get("parameters"))
+    if size:
+        facts.append(f"{size} parameters")
+    if health.get("context_length"):
+        facts.append(f"context {health['context_length']} tokens")
+    if health.get("device"):
+        facts.append(f"{health['device']} · {health.get('dtype', '')}".rstrip(" ·"))
+    if facts:
+        st.caption(" · ".join(facts))
+    report = health.get("eval") or {}
+    ppl = report.get("perplexity") if isinstance(report, dict) else None
+    if isinstance(ppl, int | float):
+        where = report.get("dataset") or report.get("split") or "held-out text"
+        st.metric("Perplexity", f"{ppl:.2f}", help=f"Measured by `wikigpt evaluate` on {where}; lower is better.")
+    else:
+        st.caption("Perplexity: no evaluation report in the model directory (`wikigpt evaluate` writes one).")
+
+
+def _status_panel(s: UISettings) -> None:
+    """The live backend indicator and model panel. A fragment: it re-checks every
+    `status_interval` seconds on its own, and reruns the whole page when the backend goes
+    up or down so the main area agrees with it."""
+    try:
+        health, error = fetch_health(s), None
+    except BackendError as exc:
+        health, error = None, exc.as_dict()
+    was_up = st.session_state.get("backend_up")
+    up = health is not None and health.get("status", "ok") == "ok"
+    st.session_state.health, st.session_state.health_error = health, error
+    st.session_state.backend_up = up
+    if up:
+        st.success(f"Backend ready  \n`{s.api_url}`", icon=":material/check_circle:")
+        _model_panel(health)
+    elif health is not None:
+        st.warning(f"Backend starting ({health.get('status')})  \n`{s.api_url}`", icon=":material/hourglass_top:")
+    else:
+        label = "Backend starting" if error["kind"] == "not_ready" else "Backend unavailable"
+        st.error(f"{label}  \n`{s.api_url}`", icon=":material/cloud_off:")
+    if was_up is not None and was_up != up and st.session_state.get("in_fragment_run"):
+        st.rerun(scope="app")
+
+
+def _notebook_buttons(s: UISettings) -> None:
+    st.header("Notebooks", divider="gray")
+    for name, label, what in NOTEBOOKS:
+        path, places = find_notebook(s, name)
+        data = None
+        if path is not None:
+            try:
+                data = path.read_bytes()
+            except OSError:
+                data = None
+        if data is None:
+            looked = ", ".join(f"`{p}`" for p in places)
+            st.download_button(
+                label, b"", file_name=name, disabled=True, key=f"nb-{name}", icon=":material/download:",
+                help=f"{name} is not available in this installation (looked in {looked}; set WIKIGPT_NOTEBOOKS_DIR).",
+            )
+        else:
+            st.download_button(
+                label, data, file_name=name, mime="application/x-ipynb+json", key=f"nb-{name}",
+                on_click="ignore", icon=":material/download:", help=what,
+            )
+
+
+def _caption_for(turn: dict) -> str:
+    bits = []
+    usage = turn.get("usage") or {}
+    n = usage.get("completion_tokens")
+    if n:
+        bits.append(f"{n} tokens in {turn['seconds']:.1f} s ({n / max(turn['seconds'], 1e-9):.1f} tok/s)")
+    elif turn.get("seconds"):
+        bits.append(f"{turn['seconds']:.1f} s")
+    reason = {"length": "stopped at max new tokens", "stop": "the model ended the text"}.get(turn.get("finish_reason"))
+    if reason:
+        bits.append(reason)
+    p = turn["sampling"]
+    bits.append(
+        "greedy" if p["temperature"] == 0 else f"temperature {p['temperature']:g} · top-p {p['top_p']:g} · top-k {p['top_k']}"
+    )
+    bits.append(f"seed {p['seed']}" if "seed" in p else "random seed")
+    return " · ".join(bits)
+
+
+def _render_turn(i: int, turn: dict) -> None:
+    with st.chat_message("wikigpt", avatar=":material/edit_note:"):
+        st.markdown(highlight_prompt(turn["prompt"]) + escape_markdown(turn["text"]))
+        if turn["status"] == "streaming":  # a rerun (a click, a new prompt) cut this one short
+            turn["status"] = "stopped"
+        if turn["status"] == "stopped":
+            st.caption("Stopped before the end.")
+        elif turn["status"] == "done":
+            st.caption(_caption_for(turn))
+        if turn.get("error"):
+            _show_error(turn["error"], retry_label="Retry", key=f"retry-{i}", on_retry=_queue_prompt,
+                        args=(turn["prompt"], i))
+
+
+def _run_turn(s: UISettings, prompt: str) -> None:
+    sampling = sampling_request(st.session_state)
+    turn = {"prompt": prompt, "text": "", "status": "streaming", "sampling": sampling, "error": None,
+            "seconds": 0.0, "usage": None, "finish_reason": None}
+    st.session_state.turns.append(turn)  # saved first: a rerun mid-stream keeps the partial text
+    out = Completion()
+    model = (st.session_state.get("health") or {}).get("model")
+
+    def pieces() -> Iterator[str]:
+        yield highlight_prompt(prompt)
+        for piece in stream_completion(s, prompt, sampling, out, model=model):
+            turn["text"] = out.text
+            yield escape_markdown(piece)
+
+    with st.chat_message("wikigpt", avatar=":material/edit_note:"):
+        try:
+            st.write_stream(pieces())
+            turn["status"] = "done"
+        except BackendError as exc:
+            turn["status"], turn["error"] = "error", exc.as_dict()
+        turn.update(text=out.text, seconds=out.seconds, usage=out.usage, finish_reason=out.finish_reason)
+        if turn["error"]:
+            _show_error(turn["error"], retry_label="Retry", key=f"retry-{len(st.session_state.turns) - 1}",
+                        on_retry=_queue_prompt, args=(prompt, len(st.session_state.turns) - 1))
+        else:
+            st.caption(_caption_for(turn))
+
+
+def main() -> None:
+    s = UISettings()
+    st.set_page_config(page_title="wikigpt", page_icon=":material/edit_note:", menu_items={})
+    for key, value in {"turns": [], "pending": None, "backend_up": None}.items():
+        st.session_state.setdefault(key, value)
+
+    @st.fragment(run_every=s.status_interval or None)
+    def status_fragment() -> None:
+        _status_panel(s)
+        st.session_state.in_fragment_run = True  # later runs of this fragment are its own timer's
+
+    with st.sidebar:
+        st.session_state.in_fragment_run = False
+        status_fragment()
+        _sidebar_settings()
+        st.button("Clear conversation", on_click=_clear, icon=":material/delete:", width="stretch")
+        st.header("Examples", divider="gray")
+        for example in EXAMPLES:
+            st.button(example, key=f"ex-{example}", on_click=_queue_prompt, args=(example,), width="stretch")
+        _notebook_buttons(s)
+
+    st.title("wikigpt")
+    st.markdown(
+        "A GPT-2-family language model fine-tuned on Wikipedia articles (WikiText-103). "
+        "It **continues** the text you start: it is not a chat assistant, it does not answer "
+        "questions or follow instructions, and what it writes may read well and still be false. "
+        f"Your prompt is {highlight_prompt('highlighted')}; the plain text after it is the model's continuation."
+    )
+    error = st.session_state.get("health_error")
+    if error and not st.session_state.turns:
+        _show_error(error, retry_label="Check again", key="check-again", on_retry=lambda: None)
+
+    for i, turn in enumerate(st.session_state.turns):
+        _render_turn(i, turn)
+
+    typed = st.chat_input("Start a sentence for the model to continue, e.g. “Data Science is”")
+    prompt = typed or st.session_state.pending
+    st.session_state.pending = None
+    if prompt and prompt.strip():
+        _run_turn(s, prompt)
+
+
+if __name__ == "__main__":  # `streamlit run` executes this file as __main__
+    main()
