@@ -24,7 +24,7 @@ from pydantic import BaseModel
 
 from . import __version__
 from .errors import ConfigError, WikigptError
-from .settings import GenerateSettings, UISettings, build
+from .settings import DecodingCheckSettings, EvalSettings, GenerateSettings, ReportSettings, UISettings, build
 
 
 @dataclass
@@ -93,8 +93,32 @@ def run_ui(s: UISettings) -> int:
     return 0  # not reached
 
 
+def run_evaluate(s: EvalSettings) -> int:
+    _quiet_transformers()
+    from .evaluate import run
+
+    return run(s)
+
+
+def run_decoding_check(s: DecodingCheckSettings) -> int:
+    _quiet_transformers()
+    from .quality import run
+
+    return run(s)
+
+
+def run_report(s: ReportSettings) -> int:
+    _quiet_transformers()
+    from .report import run
+
+    return run(s)
+
+
 COMMANDS: dict[str, Command] = {
     "generate": Command(GenerateSettings, run_generate, positional=("prompt",)),
+    "evaluate": Command(EvalSettings, run_evaluate),
+    "decoding-check": Command(DecodingCheckSettings, run_decoding_check),
+    "report": Command(ReportSettings, run_report, positional=("run_dir",)),
     "ui": Command(UISettings, run_ui),
 }
 

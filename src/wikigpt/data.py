@@ -72,8 +72,11 @@ class Source:
         return self.kind != "hub" and split in ("train", "validation") and "validation" not in self.files and self.carve > 0
 
 
-def resolve_source(settings: DataSettings) -> Source:
-    """Turn the data settings into a Source, or raise DataError saying what is wrong."""
+def resolve_source(settings: DataSettings, need: str = "train") -> Source:
+    """Turn the data settings into a Source, or raise DataError saying what is wrong.
+
+    `need`: the split a folder must hold ('train' for training; evaluation passes its split,
+    so a folder with only wiki.test.raw can be evaluated)."""
     explicit = {s: getattr(settings, f"{s}_file") for s in SPLITS if getattr(settings, f"{s}_file")}
     carve = settings.validation_split_percent
     if explicit:
@@ -106,6 +109,12 @@ def resolve_source(settings: DataSettings) -> Source:
         raise DataError(f"--data {data}: no such folder, and not a known Hub dataset "
                         f"({', '.join(HUB_CONFIGS[:2])} or hf:NAME[:CONFIG])")
     files = {s: path / f for s, f in FOLDER_FILES.items() if (path / f).is_file()}
+    if need != "train":
+        if need not in files:
+            found = sorted(p.name for p in path.iterdir())[:10]
+            raise DataError(f"--data {data}: the folder has no {need} split {FOLDER_FILES[need]} "
+                            f"(found: {', '.join(found) or 'nothing'})")
+        return Source("folder", str(path), files=files, carve=carve if "train" in files else 0.0)
     if "train" not in files:
         found = sorted(p.name for p in path.iterdir())
         hint = ""

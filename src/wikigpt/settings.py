@@ -8,10 +8,10 @@ finish in minutes on a laptop CPU; full-size runs live in the preset files under
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .errors import ConfigError
 
@@ -149,6 +149,108 @@ class PrepareSettings(DataSettings):
 
     model: str = DEFAULT_MODEL
     """Model whose tokenizer to use when --tokenizer is not given (Hub id or local directory)."""
+
+
+# Fixed prompts for the report's sample continuations and the decoding-quality check:
+# the original project's prompt, then openings in WikiText's style (none is in its test split).
+DEFAULT_PROMPTS = (
+    "Data Science is",
+    "The history of the Roman Empire",
+    "In 1905, Albert Einstein",
+    "The game was released in",
+    "The river rises in the mountains",
+    " = Jupiter = \n\n Jupiter is",
+    "During the Second World War, the battalion",
+    "The album received",
+)
+
+
+def _comma_list(value):
+    """An env var holds a list as comma-separated text (WIKIGPT_MODEL=a,b); flags repeat."""
+    return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+
+
+class EvalSettings(ModelSettings):
+    """Perplexity, word perplexity and bits per byte of one or more models on a whole split,
+    with a sliding window (the Hugging Face perplexity guide's method)."""
+
+    model: Annotated[list[str], NoDecode] = Field(default_factory=lambda: [DEFAULT_MODEL], min_length=1, max_length=16)
+    """Model to evaluate (Hub id or local directory); repeat --model to compare several in one
+    table, e.g. --model distilbert/distilgpt2 --model runs/distilgpt2-wt103/final."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weight dtype; 'auto' is bfloat16 on GPUs and, on CPUs, bfloat16 only where a quick matmul
+    probe finds it faster than float32 (AMX Xeons: ~3x faster evaluation; CPUs without native
+    bf16 run it 50x slower), else float32."""
+    data: str | None = "wikitext-2-raw-v1"
+    """Text source: a WikiText config on the Hub (wikitext-2-raw-v1's validation and test splits
+    are WikiText-103's, same articles, a 4 MB download instead of 190 MB; wikitext-103-raw-v1),
+    hf:NAME[:CONFIG], or a folder holding wiki.valid.raw / wiki.test.raw."""
+    split: Literal["test", "validation"] = "test"
+    """Which split to score."""
+    test_file: str | None = None
+    """Score this UTF-8 text file as the test split instead of --data."""
+    validation_file: str | None = None
+    """Score this UTF-8 text file as the validation split instead of --data."""
+    cache_dir: str = "~/.cache/wikigpt/data"
+    """Folder for token caches (shared with training: a split is tokenized once)."""
+    stride: int = Field(512, ge=1)
+    """Tokens the window moves each step; each window scores only its last `stride` tokens, so
+    with GPT-2's 1024-token window every token is predicted from at least 512 tokens of context.
+    Smaller is more accurate and slower (stride 512 costs 2x the forwards of stride 1024)."""
+    window: int | None = Field(None, ge=2)
+    """Tokens per window; default: the model's context length (1024 for GPT-2)."""
+    max_tokens: int | None = Field(None, ge=2)
+    """Score only the first N tokens of the split, for a quick partial run (marked partial)."""
+    batch_size: int = Field(4, ge=1, le=1024)
+    """Windows per forward pass; raise it on a GPU (32 fits easily in 16 GB for DistilGPT2)."""
+    json_output: bool = Field(False, json_schema_extra={"cli_flag": "--json"})
+    """Print the results as JSON on stdout instead of a table."""
+    write_report: bool = True
+    """Record the results in eval_report.json inside each evaluated model directory."""
+    progress: bool = True
+    """Show a progress bar on stderr."""
+
+    _split_models = field_validator("model", mode="before")(_comma_list)
+
+
+class DecodingCheckSettings(ModelSettings):
+    """Compare greedy and default decoding over fixed prompts and seeds: repeated n-grams and
+    runs of blank lines in the raw continuations (the original's greedy output degenerated)."""
+
+    prompt: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), min_length=1, max_length=64)
+    """Prompt to continue; repeat --prompt for several. Default: eight fixed Wikipedia-style openings."""
+    seeds: Annotated[list[int], NoDecode] = Field(default_factory=lambda: [0, 1, 2], min_length=1, max_length=32)
+    """Seeds for the sampled decodings; greedy is deterministic and runs once."""
+    max_new_tokens: int = Field(128, ge=8, le=1024)
+    """Tokens generated per prompt (long enough for loops and newline runs to show)."""
+    ngram: int = Field(4, ge=1, le=16)
+    """n of the repeated n-gram share: 1 - distinct n-grams / n-grams, in tokens (rep-n of
+    Welleck et al. 2019); 0 for text that never repeats itself."""
+    json_output: bool = Field(False, json_schema_extra={"cli_flag": "--json"})
+    """Print the results as JSON on stdout instead of a table."""
+
+    _split_seeds = field_validator("seeds", mode="before")(_comma_list)
+
+
+class ReportSettings(ModelSettings):
+    """Write RUN_DIR/report.md: loss curves (PNG), base-vs-fine-tuned perplexity, sample
+    continuations with the default decoding and the decoding-quality table."""
+
+    run_dir: str = Field(min_length=1)
+    """A training run's folder (holding training_report.json and the final model)."""
+    model: str | None = None
+    """Model to sample from; default: RUN_DIR/final, else RUN_DIR itself if it holds a model."""
+    output: str | None = None
+    """Markdown file to write; default RUN_DIR/report.md (the plot goes next to it)."""
+    prompt: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), min_length=1, max_length=64)
+    """Prompt of a sample continuation; repeat --prompt for several. Default: the eight fixed
+    prompts of `wikigpt decoding-check`."""
+    seed: int = Field(0, ge=0)
+    """Seed of the sample continuations (the same seed gives the same report)."""
+    max_new_tokens: int = Field(64, ge=1, le=1024)
+    """Tokens per sample continuation."""
+    decoding_check: bool = True
+    """Include the greedy-vs-default decoding-quality table (about a minute for DistilGPT2 on a CPU)."""
 
 
 def build(cls: type[BaseModel], values: dict) -> BaseModel:
