@@ -199,8 +199,11 @@ def test_error_answer_shows_the_apis_message(app, backend):
     backend.mode = ("error", 400, {"error": {"message": "prompt is too long: 2000 tokens, the model takes 1024",
                                              "type": "invalid_request_error", "param": "prompt"}})
     at = send(app.run(), "x" * 50)
-    message = at.main.error[-1].value
-    assert "HTTP 400" in message and "prompt is too long" in message and "(parameter: prompt)" in message
+    assert "HTTP 400" in at.main.error[-1].value
+    # The API's words are shown as text (Markdown-escaped), with the parameter it named.
+    assert at.session_state.turns[0]["error"]["detail"] == (
+        "prompt is too long: 2000 tokens, the model takes 1024 (parameter: prompt)")
+    assert r"prompt is too long\: 2000 tokens" in at.main.error[-1].value
     assert not at.exception
 
 
@@ -210,8 +213,9 @@ def test_stalled_backend_times_out_instead_of_freezing(monkeypatch, app, backend
     started = time.monotonic()
     at = send(app.run(), "Data Science is")
     assert time.monotonic() - started < 4
-    assert at.session_state.turns[0]["error"]["kind"] == "timeout"
-    assert "too slow" in at.main.error[-1].value and "--read-timeout" in at.main.error[-1].value
+    err = at.session_state.turns[0]["error"]
+    assert err["kind"] == "timeout" and "--read-timeout" in err["detail"]
+    assert "too slow" in at.main.error[-1].value and "wikigpt serve" in at.main.error[-1].value
 
 
 @pytest.mark.parametrize("mode, title", [
@@ -232,7 +236,7 @@ def test_backend_still_loading_is_a_warning_not_a_crash(app, backend):
     backend.health = {"error": {"message": "the model is still loading", "type": "overloaded_error"}}
     at = app.run()
     assert "Backend starting" in at.sidebar.error[0].value
-    assert "still loading" in at.main.error[0].value
+    assert "still loading" in at.main.error[0].value and "HTTP 503" in at.main.error[0].value
     assert not at.exception
 
 

@@ -94,7 +94,7 @@ def _request_failure(exc: requests.RequestException, url: str, s: UISettings) ->
         )
     if isinstance(exc, requests.ConnectionError):
         return BackendError(
-            "Cannot reach the backend", "the connection was refused or dropped: is `wikigpt serve` running?",
+            "Cannot reach the backend", "the connection was refused or dropped. Is wikigpt serve running?",
             url, kind="unreachable",
         )
     return BackendError("The request to the backend failed", type(exc).__name__, url)
@@ -303,7 +303,7 @@ def _clear() -> None:
 
 def _show_error(err: dict, *, retry_label: str, key: str, on_retry, args=()) -> None:
     st.error(
-        f"**{err['title']}.** {err['detail']}  \nURL tried: `{err['url']}`"
+        f"**{err['title']}.** {escape_markdown(err['detail'])}  \nURL tried: `{err['url']}`"
         + (f"  \n{START_HINT}" if err["kind"] in {"unreachable", "timeout"} else ""),
         icon=":material/error:",
     )
@@ -347,7 +347,7 @@ def _status_panel(s: UISettings) -> None:
         st.success(f"Backend ready  \n`{s.api_url}`", icon=":material/check_circle:")
         _model_panel(health)
     elif health is not None:
-        st.warning(f"Backend starting ({health.get('status')})  \n`{s.api_url}`", icon=":material/hourglass_top:")
+        st.warning(f"Backend starting ({escape_markdown(str(health.get('status')))})  \n`{s.api_url}`", icon=":material/hourglass_top:")
     else:
         label = "Backend starting" if error["kind"] == "not_ready" else "Backend unavailable"
         st.error(f"{label}  \n`{s.api_url}`", icon=":material/cloud_off:")
