@@ -77,24 +77,24 @@ def _request_failure(exc: requests.RequestException, url: str, s: UISettings) ->
     if isinstance(exc, requests.ConnectTimeout):
         return BackendError(
             "The backend did not accept the connection",
-            f"no answer within {s.connect_timeout:g} s (--connect-timeout). Is the host right and up?",
+            f"No answer within {s.connect_timeout:g} s (--connect-timeout). Is the host right and up?",
             url, kind="timeout",
         )
     if isinstance(exc, requests.ReadTimeout) or "timed out" in str(exc).lower():
         return BackendError(
             "The backend is too slow",
-            f"nothing arrived for {s.read_timeout:g} s (--read-timeout). It may be overloaded or "
+            f"Nothing arrived for {s.read_timeout:g} s (--read-timeout). It may be overloaded or "
             "still loading the model; retry in a moment.",
             url, kind="timeout",
         )
     if isinstance(exc, requests.exceptions.ChunkedEncodingError):
         return BackendError(
-            "The backend closed the stream early", "the connection dropped mid-answer: did the backend stop?",
+            "The backend closed the stream early", "The connection dropped mid-answer: did the backend stop?",
             url, kind="unreachable",
         )
     if isinstance(exc, requests.ConnectionError):
         return BackendError(
-            "Cannot reach the backend", "the connection was refused or dropped. Is wikigpt serve running?",
+            "Cannot reach the backend", "The connection was refused or dropped. Is wikigpt serve running?",
             url, kind="unreachable",
         )
     return BackendError("The request to the backend failed", type(exc).__name__, url)
@@ -128,7 +128,7 @@ def fetch_health(s: UISettings) -> dict:
         health = None
     if not isinstance(health, dict):
         raise BackendError(
-            "Something else answers at this URL", "its GET / is not the wikigpt health JSON", url,
+            "Something else answers at this URL", "Its GET / is not the wikigpt health JSON.", url,
             kind="protocol",
         )
     return health
@@ -175,7 +175,7 @@ def stream_completion(
                 raise _http_error(resp, url)
             if "text/event-stream" not in resp.headers.get("content-type", ""):
                 raise BackendError(
-                    "The backend did not stream", "expected server-sent events (text/event-stream)", url,
+                    "The backend did not stream", "Expected server-sent events (text/event-stream).", url,
                     kind="protocol",
                 )
             for data in _sse_data(resp):
@@ -206,7 +206,7 @@ def stream_completion(
     finally:
         out.seconds = time.perf_counter() - started
     raise BackendError(
-        "The backend closed the stream early", "the answer stopped before its end marker ([DONE])", url,
+        "The backend closed the stream early", "The answer stopped before its end marker ([DONE]).", url,
         kind="protocol",
     )
 
