@@ -27,7 +27,8 @@ from wikigpt.settings import UISettings
 
 UI_FILE = str(Path(ui.__file__))
 HEALTH = {"status": "ok", "model": "tiny-wiki", "n_params": 124_439_808, "context_length": 1024,
-          "eval": {"perplexity": 31.25, "dataset": "wikitext-103 test"}}
+          "eval": {"format": 1, "latest": {"perplexity": 31.25, "data": "wikitext-103-raw", "split": "test",
+                                           "n_tokens": 280_000, "complete": True}}}
 
 
 def free_port() -> int:
@@ -136,6 +137,7 @@ def test_page_shows_backend_model_and_says_what_the_model_is(app):
     assert "Backend ready" in sidebar and "tiny-wiki" in sidebar
     assert "124.4 M parameters" in "\n".join(c.value for c in at.sidebar.caption)
     assert at.sidebar.metric[0].value == "31.25"  # perplexity from the model's eval report
+    assert "on wikitext-103-raw test, 280,000 tokens" in "\n".join(c.value for c in at.sidebar.caption)
     assert "not a chat assistant" in page_text(at)
     assert [b.label for b in at.sidebar.button][:2] == ["Clear conversation", "Data Science is"]
 

@@ -323,10 +323,15 @@ def _model_panel(health: dict) -> None:
     if facts:
         st.caption(" · ".join(facts))
     report = health.get("eval") or {}
+    if isinstance(report, dict) and isinstance(report.get("latest"), dict):
+        report = report["latest"]  # the whole eval_report.json: its latest measurement
     ppl = report.get("perplexity") if isinstance(report, dict) else None
     if isinstance(ppl, int | float):
-        where = report.get("dataset") or report.get("split") or "held-out text"
+        where = " ".join(str(x) for x in (Path(str(report.get("data") or "held-out text")).name, report.get("split")) if x)
+        if isinstance(report.get("n_tokens"), int):
+            where += f", {report['n_tokens']:,} tokens" + ("" if report.get("complete", True) else " (part of the split)")
         st.metric("Perplexity", f"{ppl:.2f}", help=f"Measured by `wikigpt evaluate` on {where}; lower is better.")
+        st.caption(f"on {where}")
     else:
         st.caption("Perplexity: no evaluation report in the model directory (`wikigpt evaluate` writes one).")
 
@@ -462,8 +467,8 @@ def main() -> None:
 
     st.title("wikigpt")
     st.markdown(
-        "A GPT-2-family language model fine-tuned on Wikipedia articles (WikiText-103). "
-        "It **continues** the text you start: it is not a chat assistant, it does not answer "
+        "The model behind this page is a GPT-2-family language model (wikigpt fine-tunes DistilGPT2 on "
+        "Wikipedia articles, WikiText-103). It **continues** the text you start: it is not a chat assistant, it does not answer "
         "questions or follow instructions, and what it writes may read well and still be false. "
         f"Your prompt is {highlight_prompt('highlighted')}; the plain text after it is the model's continuation."
     )
