@@ -59,7 +59,12 @@ class Window:
 
 
 def plan_windows(n_tokens: int, window: int, stride: int) -> list[Window]:
-    """The guide's loop: windows start every `stride` tokens, each scores what is new to it."""
+    """The guide's loop: windows start every `stride` tokens, each scores what is new to it.
+
+    stride == window (disjoint windows) steps by window - 1 instead: a window's first token has
+    no context inside it, so the guide leaves it unscored (one token in 1,024 never counted);
+    overlapping by one token scores it, as lm-evaluation-harness's rolling windows do.
+    """
     if window < 2:
         raise ConfigError(f"--window must be at least 2 tokens, got {window}")
     if not 1 <= stride <= window:
@@ -67,7 +72,7 @@ def plan_windows(n_tokens: int, window: int, stride: int) -> list[Window]:
     if n_tokens < 2:
         raise ConfigError(f"the text is {n_tokens} token(s) long; perplexity needs at least 2")
     windows, scored_to = [], 1  # token 0 has no context, so it is never a target
-    for begin in range(0, n_tokens, stride):
+    for begin in range(0, n_tokens, min(stride, window - 1)):
         end = min(begin + window, n_tokens)
         windows.append(Window(begin, end, scored_to))
         scored_to = end
@@ -157,8 +162,6 @@ def sliding_window_nll(
     """Per-token NLL (nats, float64; nan where unscored) of a token stream, windows batched."""
     ids = torch.as_tensor(ids, dtype=torch.long)
     window = window or lm.context_length
-    if window > lm.context_length:
-        raise ConfigError(f"--window {window} is longer than the model's context ({lm.context_length} tokens)")
     windows = plan_windows(len(ids), window, stride)
     token_nll = torch.full((len(ids),), math.nan, dtype=torch.float64)
     bar = tqdm(total=len(ids) - 1, unit="tok", desc=f"perplexity {lm.name}", disable=not progress,
@@ -202,7 +205,9 @@ def evaluate_ids(
     complete = max_tokens is None or len(ids) <= max_tokens
     if not complete:
         ids = ids[:max_tokens]
-    window = min(window or lm.context_length, lm.context_length)
+    window = window or lm.context_length
+    if window > lm.context_length:
+        raise ConfigError(f"--window {window} is longer than the model's context ({lm.context_length} tokens)")
     if stride > window:
         raise ConfigError(f"--stride {stride} is longer than the window ({window} tokens): tokens would be skipped")
     if lm.device.type == "cuda":
@@ -346,23 +351,38 @@ def _dtype_for(s: EvalSettings) -> str:
     return "auto"  # modeling.resolve_dtype: bfloat16 on GPUs (float16 where bf16 is unsupported)
 
 
+def _tokenizer_key(lm: LoadedModel) -> str:
+    tok = lm.tokenizer
+    return tok.backend_tokenizer.to_str() if getattr(tok, "is_fast", False) else lm.name
+
+
 def run(s: EvalSettings) -> int:
     """`wikigpt evaluate`: evaluate each --model on the same stream, print one table (or JSON)."""
     from .modeling import load_model
     from .settings import ModelSettings
 
     dtype = _dtype_for(s)
-    results: list[EvalResult] = []
-    streams: dict[str, tuple[np.ndarray, str]] = {}  # tokenizer fingerprint -> stream
-    for name in s.model:
-        lm = load_model(ModelSettings(model=name, revision=s.revision, device=s.device, dtype=dtype))
-        key = lm.tokenizer.backend_tokenizer.to_str() if getattr(lm.tokenizer, "is_fast", False) else name
+    settings = [ModelSettings(model=m, revision=s.revision, device=s.device, dtype=dtype) for m in s.model]
+    # Check every model and the data before the first (possibly hour-long) evaluation starts,
+    # so a typo in the last --model fails in seconds; one model is held in memory at a time.
+    streams: dict[str, tuple[np.ndarray, str]] = {}  # tokenizer definition -> stream
+    for ms in settings:
+        lm = load_model(ms)
+        window = s.window or lm.context_length
+        if window > lm.context_length:
+            raise ConfigError(f"--window {window} is longer than {ms.model}'s context ({lm.context_length} tokens)")
+        if s.stride > window:
+            raise ConfigError(f"--stride {s.stride} is longer than {ms.model}'s window ({window} tokens); "
+                              f"pass --stride {window // 2}")
+        key = _tokenizer_key(lm)
         if key not in streams:
             streams[key] = load_eval_stream(s, lm.tokenizer, progress=s.progress)
-        ids, data_name = streams[key]
-        if s.window is None and s.stride > lm.context_length:
-            raise ConfigError(f"--stride {s.stride} is longer than {name}'s context ({lm.context_length} tokens); "
-                              f"pass --stride {lm.context_length // 2}")
+        preloaded = lm if len(settings) == 1 else None
+        del lm
+    results: list[EvalResult] = []
+    for ms in settings:
+        lm = preloaded or load_model(ms)
+        ids, data_name = streams[_tokenizer_key(lm)]
         results.append(evaluate_ids(
             lm, ids, data=data_name, split=s.split, window=s.window, stride=s.stride, batch_size=s.batch_size,
             max_tokens=s.max_tokens, progress=s.progress,
