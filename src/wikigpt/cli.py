@@ -24,7 +24,7 @@ from pydantic import BaseModel
 
 from . import __version__
 from .errors import ConfigError, WikigptError
-from .settings import DecodingCheckSettings, EvalSettings, GenerateSettings, ReportSettings, UISettings, build
+from .settings import DecodingCheckSettings, EvalSettings, GenerateSettings, ReportSettings, ServeSettings, UISettings, build
 
 
 @dataclass
@@ -93,6 +93,27 @@ def run_ui(s: UISettings) -> int:
     return 0  # not reached
 
 
+def run_serve(s: ServeSettings) -> int:
+    import logging
+
+    _quiet_transformers()
+    import uvicorn
+
+    from .api import create_app
+    from .engine import Engine
+    from .modeling import load_model
+
+    logging.basicConfig(level=s.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    lm = load_model(s)  # a missing model fails here, before the port opens: exit code 2
+    engine = Engine(lm, max_batch_size=s.max_batch_size, queue_size=s.queue_size,
+                    bf16_from_batch=s.bf16_from_batch if s.dtype == "auto" else 0)
+    # No reload, no debug: uvicorn's own access log is off because ours (api._AccessLog) adds
+    # timing and leaves out query strings; server shutdown waits at most 5 s for open streams.
+    uvicorn.run(create_app(s, engine), host=s.host, port=s.port, log_level=s.log_level, access_log=False,
+                server_header=False, timeout_graceful_shutdown=5)
+    return 0
+
+
 def run_evaluate(s: EvalSettings) -> int:
     _quiet_transformers()
     from .evaluate import run
@@ -120,6 +141,7 @@ COMMANDS: dict[str, Command] = {
     "decoding-check": Command(DecodingCheckSettings, run_decoding_check),
     "report": Command(ReportSettings, run_report, positional=("run_dir",)),
     "ui": Command(UISettings, run_ui),
+    "serve": Command(ServeSettings, run_serve),
 }
 
 

@@ -61,3 +61,26 @@ class OverloadedError(WikigptError):
 
 class NotReadyError(OverloadedError):
     """The model is still loading."""
+
+
+class PayloadTooLargeError(InvalidRequestError):
+    """The request body is larger than the server accepts (--max-body-bytes)."""
+
+    http_status = 413
+
+
+class NotFoundError(InvalidRequestError):
+    """No such route or resource."""
+
+    http_status = 404
+    error_type = "not_found_error"
+
+
+class MethodNotAllowedError(InvalidRequestError):
+    """The route exists but not for this HTTP method."""
+
+    http_status = 405
+
+
+class EngineError(WikigptError):
+    """Generation failed inside the server (a bug or out of memory); the request was dropped."""

@@ -89,6 +89,35 @@ class GenerateSettings(ModelSettings, SamplingParams):
     """The text to continue."""
 
 
+class ServeSettings(ModelSettings):
+    """Serve the model over HTTP: the original /predict route, OpenAI-compatible /v1/completions
+    (streaming), health, readiness and Prometheus metrics, with continuous batching."""
+
+    host: str = "127.0.0.1"
+    """Address to listen on; 0.0.0.0 exposes the API to the network (only inside a container)."""
+    port: int = Field(5000, ge=0, le=65535)
+    """Port to listen on (0 picks a free one and logs it)."""
+    max_batch_size: int = Field(32, ge=1, le=1024)
+    """Most sequences decoded together; more requests wait in the queue."""
+    queue_size: int = Field(256, ge=0, le=100_000)
+    """Most requests waiting for a batch slot; beyond it requests get 503 with Retry-After."""
+    bf16_from_batch: int = Field(8, ge=0, le=1024)
+    """On CPU with --dtype auto, decode batches of at least this many sequences with a
+    bfloat16 copy of the weights (AMX makes it ~2x faster there) and smaller ones in float32
+    (faster at batch 1); 0 keeps float32 only. Costs a second copy of the weights (half size)."""
+    max_body_bytes: int = Field(1_000_000, ge=1024, le=100_000_000)
+    """Largest request body accepted, in bytes; larger ones get 413."""
+    api_key: str | None = None
+    """Bearer token required on every route except the health checks (/, /health, /ready);
+    unset: no authentication. Prefer the env var WIKIGPT_API_KEY: flags show up in `ps`."""
+    served_model_name: str | None = None
+    """Model name reported by the API and expected in requests' `model` field; unset: --model."""
+    retry_after: int = Field(1, ge=1, le=3600)
+    """Seconds clients are told to wait (Retry-After header) when the queue is full."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """Server log level. Request log lines carry method, route, status and timing, never prompt text."""
+
+
 class UISettings(_Settings):
     """Serve the web UI (Streamlit), a page that talks to a running `wikigpt serve` over HTTP."""
 
