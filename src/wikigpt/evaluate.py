@@ -81,6 +81,11 @@ def plan_windows(n_tokens: int, window: int, stride: int) -> list[Window]:
     return windows
 
 
+def default_stride(window: int) -> int:
+    """512 for GPT-2's 1024-token window (the guide's setting); half the window when shorter."""
+    return min(512, max(1, window // 2))
+
+
 def count_text(tokenizer, ids: list[int]) -> tuple[int, int]:
     """(words, bytes) of the text the tokens spell, special tokens (article separators) excluded.
 
@@ -155,14 +160,14 @@ def sliding_window_nll(
     lm: LoadedModel,
     ids: list[int] | torch.Tensor,
     window: int | None = None,
-    stride: int = 512,
+    stride: int | None = None,
     batch_size: int = 4,
     progress: bool = False,
 ) -> tuple[torch.Tensor, list[Window]]:
     """Per-token NLL (nats, float64; nan where unscored) of a token stream, windows batched."""
     ids = torch.as_tensor(ids, dtype=torch.long)
     window = window or lm.context_length
-    windows = plan_windows(len(ids), window, stride)
+    windows = plan_windows(len(ids), window, stride or default_stride(window))
     token_nll = torch.full((len(ids),), math.nan, dtype=torch.float64)
     bar = tqdm(total=len(ids) - 1, unit="tok", desc=f"perplexity {lm.name}", disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
@@ -194,7 +199,7 @@ def evaluate_ids(
     data: str = "text",
     split: str | None = None,
     window: int | None = None,
-    stride: int = 512,
+    stride: int | None = None,
     batch_size: int = 4,
     max_tokens: int | None = None,
     progress: bool = False,
@@ -208,8 +213,11 @@ def evaluate_ids(
     window = window or lm.context_length
     if window > lm.context_length:
         raise ConfigError(f"--window {window} is longer than the model's context ({lm.context_length} tokens)")
+    stride = stride or default_stride(window)
     if stride > window:
         raise ConfigError(f"--stride {stride} is longer than the window ({window} tokens): tokens would be skipped")
+    with torch.inference_mode():  # warm-up: kernels are picked on the first call; keep that out of tok/s
+        lm.model(input_ids=torch.as_tensor(ids[:window], dtype=torch.long)[None].to(lm.device), logits_to_keep=1)
     if lm.device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -307,12 +315,17 @@ def read_eval_report(model_dir: str | os.PathLike) -> dict | None:
         return None
 
 
+def fmt_ppl(x: float) -> str:
+    """2 decimals, or 3 significant digits for the huge perplexities of untrained models."""
+    return f"{x:.2f}" if x < 1e5 else f"{x:.3g}"
+
+
 def format_table(results: list[EvalResult]) -> str:
     """A Markdown table, one row per model."""
     head = ("model", "tokens", "perplexity", "word ppl", "bits/byte", "stride", "dtype", "tok/s")
     rows = [
-        (r.model, f"{r.n_tokens:,}" + ("" if r.complete else " (partial)"), f"{r.perplexity:.2f}",
-         f"{r.word_perplexity:.2f}", f"{r.bits_per_byte:.4f}", f"{r.stride}/{r.window}", r.dtype, f"{r.tokens_per_s:,.0f}")
+        (r.model, f"{r.n_tokens:,}" + ("" if r.complete else " (partial)"), fmt_ppl(r.perplexity),
+         fmt_ppl(r.word_perplexity), f"{r.bits_per_byte:.4f}", f"{r.stride}/{r.window}", r.dtype, f"{r.tokens_per_s:,.0f}")
         for r in results
     ]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
@@ -371,7 +384,7 @@ def run(s: EvalSettings) -> int:
         window = s.window or lm.context_length
         if window > lm.context_length:
             raise ConfigError(f"--window {window} is longer than {ms.model}'s context ({lm.context_length} tokens)")
-        if s.stride > window:
+        if s.stride and s.stride > window:
             raise ConfigError(f"--stride {s.stride} is longer than {ms.model}'s window ({window} tokens); "
                               f"pass --stride {window // 2}")
         key = _tokenizer_key(lm)

@@ -222,9 +222,10 @@ class EvalSettings(ModelSettings):
     """Score this UTF-8 text file as the validation split instead of --data."""
     cache_dir: str = "~/.cache/wikigpt/data"
     """Folder for token caches (shared with training: a split is tokenized once)."""
-    stride: int = Field(512, ge=1)
+    stride: int | None = Field(None, ge=1)
     """Tokens the window moves each step; each window scores only its last `stride` tokens, so
-    with GPT-2's 1024-token window every token is predicted from at least 512 tokens of context.
+    with GPT-2's 1024-token window and stride 512 every token is predicted from at least 512
+    tokens of context. Default: 512, or half the window for models with a shorter context.
     Smaller is more accurate and slower (stride 512 costs 2x the forwards of stride 1024)."""
     window: int | None = Field(None, ge=2)
     """Tokens per window; default: the model's context length (1024 for GPT-2)."""
@@ -276,8 +277,8 @@ class ReportSettings(ModelSettings):
     prompts of `wikigpt decoding-check`."""
     seed: int = Field(0, ge=0)
     """Seed of the sample continuations (the same seed gives the same report)."""
-    max_new_tokens: int = Field(64, ge=1, le=1024)
-    """Tokens per sample continuation."""
+    max_new_tokens: int = Field(128, ge=1, le=1024)
+    """Tokens per sample continuation and per decoding-check continuation."""
     decoding_check: bool = True
     """Include the greedy-vs-default decoding-quality table (about a minute for DistilGPT2 on a CPU)."""
 

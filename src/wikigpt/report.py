@@ -1,0 +1,246 @@
+"""`wikigpt report RUN_DIR`: what a person wants to see after a training run, in one Markdown file.
+
+RUN_DIR/report.md holds: the run's numbers (from final/training_report.json), a PNG of training
+and validation loss against tokens seen (every step from RUN_DIR/metrics.jsonl when present,
+else the report's subsampled losses), the perplexity table that `wikigpt evaluate` recorded in
+the model's eval_report.json (the base model's row appears when both were evaluated in one
+command), sample continuations of fixed prompts with the default decoding, and the
+greedy-vs-default decoding-quality table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+from .errors import ConfigError
+from .evaluate import fmt_ppl, read_eval_report, result_key
+from .settings import ReportSettings
+
+TRAINING_REPORT = "training_report.json"
+
+
+def find_model_dir(run_dir: Path, model: str | None) -> Path:
+    if model:
+        return Path(model).expanduser()
+    for candidate in (run_dir / "final", run_dir):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise ConfigError(f"{run_dir} holds no model (no final/config.json): pass the model with --model, or "
+                      "finish the run first (wikigpt train --resume)")
+
+
+def read_training_report(run_dir: Path, model_dir: Path) -> dict | None:
+    for path in (model_dir / TRAINING_REPORT, run_dir / TRAINING_REPORT):
+        if path.is_file():
+            try:
+                return json.loads(path.read_text())
+            except ValueError as exc:
+                raise ConfigError(f"{path} is not valid JSON ({exc})") from None
+    return None
+
+
+def loss_curves(run_dir: Path, report: dict) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """(tokens seen, loss) points: training loss per step, validation loss per evaluation."""
+    per_step = report.get("tokens_per_step") or 0
+    train: dict[int, float] = {}
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+                train[int(rec["step"])] = float(rec["loss"])  # a resumed run rewrites steps: the last wins
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by a crash
+    if not train and report.get("losses"):
+        losses, steps = report["losses"], report.get("steps") or len(report["losses"])
+        every = 1 if len(losses) >= steps else math.ceil(steps / 500)  # train.py keeps <= 500 points
+        train = {i * every + 1: float(v) for i, v in enumerate(losses)}
+    evals = [e for e in report.get("evals", []) if "val_loss" in e]
+    if report.get("validation"):
+        evals.append(report["validation"])
+    val = {int(e["step"]): float(e["val_loss"]) for e in evals}
+    return ([(s * per_step, v) for s, v in sorted(train.items())], [(s * per_step, v) for s, v in sorted(val.items())])
+
+
+def plot_losses(train, val, title: str, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import EngFormatter
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    if train:
+        x, y = zip(*train)
+        ax.plot(x, y, color="tab:blue", alpha=0.3, linewidth=0.8)
+        ema, smooth = y[0], []
+        for v in y:  # exponential moving average, the usual way to read a noisy training curve
+            ema = 0.9 * ema + 0.1 * v
+            smooth.append(ema)
+        ax.plot(x, smooth, color="tab:blue", label="training loss (EMA 0.9)")
+    if val:
+        x, y = zip(*val)
+        ax.plot(x, y, "o-", color="tab:orange", label="validation loss")
+    ax.xaxis.set_major_formatter(EngFormatter())
+    ax.set(xlabel="tokens seen", ylabel="cross-entropy loss (nats/token)", title=title)
+    ax.grid(alpha=0.3)
+    if train or val:
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _fence(text: str) -> str:
+    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}text\n{text}\n{fence}"
+
+
+def perplexity_section(model_dir: Path, base: str | None) -> str:
+    report = read_eval_report(model_dir)
+    cmd = "wikigpt evaluate " + (f"--model {base} " if base else "") + f"--model {model_dir} --split test"
+    if not report or not isinstance(report.get("latest"), dict):
+        return f"Not evaluated yet. To measure it on the WikiText-103 test set:\n\n    {cmd}\n"
+    latest = report["latest"]
+    key = result_key(latest)
+    rows = [r for r in report.get("others", []) if isinstance(r, dict) and r.get("model") != latest["model"]
+            and _key(r) == key]
+    rows = rows + [latest] + [r for r in report.get("results", []) if isinstance(r, dict) and _key(r) != key]
+    lines = ["| model | data | tokens scored | window/stride | perplexity | word ppl | bits/byte |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        name = r["model"] + (" (base)" if base and _same_model(r["model"], base) else "")
+        what = f"{r['data']} {r.get('split') or ''}".strip()
+        partial = "" if r.get("complete", True) else " (partial)"
+        lines.append(f"| {name} | {what} | {r['n_tokens']:,}{partial} | {r['window']}/{r['stride']} | "
+                     f"{fmt_ppl(r['perplexity'])} | {fmt_ppl(r['word_perplexity'])} | {r['bits_per_byte']:.4f} |")
+    note = ("\nPerplexity is per token of each model's own tokenizer; word perplexity and bits per byte "
+            "divide the same total loss by the text's words and bytes, so they compare models with "
+            "different vocabularies. Sliding window as in the Hugging Face perplexity guide "
+            "(see `wikigpt evaluate --help`).\n")
+    if base and not any(_same_model(r["model"], base) for r in rows):
+        note += f"\nFor the base model's row, evaluate both in one command:\n\n    {cmd}\n"
+    return "\n".join(lines) + "\n" + note
+
+
+def _same_model(a: str, b: str) -> bool:
+    """Two --model spellings of one model (runs/x/final and ./runs/x/final/ are the same)."""
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return a == b or (pa.exists() and pb.exists() and pa.resolve() == pb.resolve())
+
+
+def _key(r: dict) -> tuple | None:
+    try:
+        return result_key(r)
+    except KeyError:
+        return None
+
+
+def training_section(report: dict | None, png: str | None) -> str:
+    if report is None:
+        return "No training_report.json found: the loss curve and training numbers are missing.\n"
+    st = report.get("settings", {})
+    val = report.get("validation") or {}
+    data = report.get("data", {})
+    start = (f"fine-tuned from {st.get('model')}" if st.get("init", "pretrained") == "pretrained"
+             else f"random weights ({st.get('architecture') or st.get('model')}, {st.get('config_overrides') or 'default config'})")
+    items = [
+        ("started from", start),
+        ("data", f"{data.get('source')}: {data.get('train_tokens', 0):,} training tokens, "
+                 f"{data.get('epochs', 0)} epochs"),
+        ("steps", f"{report.get('steps')} of {report.get('max_steps')} ({report.get('stopped')})"),
+        ("tokens seen", f"{report.get('tokens_seen', 0):,}"),
+        ("parameters", f"{report.get('n_params', 0) / 1e6:.1f} M"),
+        ("speed", f"{report.get('tokens_per_second')} tokens/s on {report.get('device')}, {report.get('precision')}, "
+                  f"{report.get('train_seconds', 0) / 60:.1f} min"),
+        ("training loss", f"{report.get('train_loss_first')} at the start, {report.get('train_loss_last10')} "
+                          "(mean of the last 10 steps)"),
+    ]
+    if val:
+        items.append(("validation", f"loss {val.get('val_loss')}, perplexity {val.get('val_ppl')} over "
+                                    f"{val.get('val_tokens', 0):,} tokens (non-overlapping blocks: less context "
+                                    "per token than the sliding-window test perplexity below)"))
+    text = "\n".join(f"- **{k}**: {v}" for k, v in items) + "\n"
+    if png:
+        text += f"\n![training and validation loss against tokens seen]({png})\n"
+    return text
+
+
+def samples_section(lm, prompts: list[str], seed: int, max_new_tokens: int) -> str:
+    from .generation import clean_continuation
+    from .quality import continue_batch
+    from .settings import SamplingParams
+
+    params = SamplingParams(max_new_tokens=max_new_tokens, seed=seed)
+    conts = continue_batch(lm, prompts, params)
+    out = [f"Default decoding (temperature {params.temperature}, top-p {params.top_p}, top-k {params.top_k}, "
+           f"repetition penalty {params.repetition_penalty}), seed {seed}, at most {max_new_tokens} new tokens; "
+           "as users see them (blank-line runs collapsed).\n"]
+    for prompt, ids in zip(prompts, conts):
+        text = prompt + clean_continuation(lm.tokenizer.decode(ids, skip_special_tokens=True))
+        out.append(_fence(text))
+    return "\n\n".join(out) + "\n"
+
+
+def decoding_section(lm, prompts: list[str], seed: int, max_new_tokens: int) -> str:
+    from .quality import decoding_check, format_table
+
+    seeds = [seed, seed + 1, seed + 2]
+    stats, _ = decoding_check(lm, prompts, seeds, max_new_tokens=max_new_tokens, n=4)
+    return (f"Raw continuations (before blank-line collapsing) of the {len(prompts)} prompts, "
+            f"{max_new_tokens} new tokens, "
+            f"seeds {', '.join(map(str, seeds))} for sampling. rep-4: share of repeated 4-token phrases; "
+            "blank-line runs: places with 2+ blank lines in a row. Reproduce: "
+            f"`wikigpt decoding-check --model {lm.name} --max-new-tokens {max_new_tokens}`.\n\n"
+            + format_table(stats) + "\n")
+
+
+def render(s: ReportSettings) -> tuple[Path, str]:
+    run_dir = Path(s.run_dir).expanduser()
+    if not run_dir.is_dir():
+        raise ConfigError(f"{s.run_dir}: no such run folder")
+    model_dir = find_model_dir(run_dir, s.model)
+    out = Path(s.output).expanduser() if s.output else run_dir / "report.md"
+    treport = read_training_report(run_dir, model_dir)
+    png_rel = None
+    if treport is not None:
+        train, val = loss_curves(run_dir, treport)
+        png = plot_losses(train, val, f"{run_dir.resolve().name}: loss against tokens seen", out.with_name(out.stem + "-loss.png"))
+        png_rel = os.path.relpath(png, out.parent)
+    st = (treport or {}).get("settings", {})
+    base = st.get("model") if st.get("init", "pretrained") == "pretrained" else None
+
+    from .modeling import load_model
+
+    lm = load_model(s.model_copy(update={"model": str(model_dir)}))
+    parts = [
+        f"# wikigpt run report: {run_dir.resolve().name}\n",
+        f"Model: `{model_dir}`, {lm.n_params / 1e6:.1f} M parameters, context {lm.context_length} tokens.\n",
+        "## Training\n", training_section(treport, png_rel),
+        "## Perplexity\n", perplexity_section(model_dir, base),
+        "## Sample continuations\n", samples_section(lm, s.prompt, s.seed, s.max_new_tokens),
+    ]
+    if s.decoding_check:
+        parts += ["## Decoding quality\n", decoding_section(lm, s.prompt, s.seed, s.max_new_tokens)]
+    parts += ["## Reproduce\n", f"    wikigpt report {s.run_dir}" + (f" --model {s.model}" if s.model else "") + "\n\n"]
+    return out, "\n".join(parts)
+
+
+def run(s: ReportSettings) -> int:
+    out, text = render(s)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, out)
+    print(f"wikigpt report: wrote {out}", file=sys.stderr)
+    return 0
