@@ -16,6 +16,8 @@ import asyncio
 import hmac
 import json
 import logging
+import math
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -199,6 +201,7 @@ def create_app(settings: ServeSettings, engine: Engine) -> FastAPI:
     model_info = {"id": name, "object": "model", "created": int(time.time()), "owned_by": "wikigpt",
                   "context_length": engine.context_length, "n_params": lm.n_params,
                   "dtype": str(lm.dtype).removeprefix("torch."), "device": str(lm.device)}
+    evaluation = _eval_summary(settings.model)  # the model's measured perplexity, shown by the UI
     metrics = Metrics(engine)
     expected_auth = f"Bearer {settings.api_key}".encode() if settings.api_key else None
 
@@ -328,7 +331,7 @@ def create_app(settings: ServeSettings, engine: Engine) -> FastAPI:
         return {"status": "ok", "model": name, "ready": engine.ready.is_set(), "version": __version__,
                 "context_length": engine.context_length, "n_params": lm.n_params,
                 "dtype": model_info["dtype"], "device": model_info["device"],
-                "max_batch_size": engine.max_batch_size,
+                "max_batch_size": engine.max_batch_size, "eval": evaluation,
                 "routes": ["/predict", "/v1/completions", "/v1/models", "/metrics", "/health", "/ready"]}
 
     @app.get("/health")
@@ -437,6 +440,19 @@ def create_app(settings: ServeSettings, engine: Engine) -> FastAPI:
 
 def _reject_constant(name: str):
     raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _eval_summary(model: str) -> dict | None:
+    """The latest measurement in MODEL_DIR/eval_report.json (written by `wikigpt evaluate`), if any."""
+    from .evaluate import read_eval_report
+
+    report = read_eval_report(model) if os.path.isdir(model) else None
+    latest = report.get("latest") if isinstance(report, dict) else None
+    if not isinstance(latest, dict):
+        return None
+    keys = ("perplexity", "word_perplexity", "bits_per_byte", "data", "split", "n_tokens", "complete", "measured_at")
+    # JSON has no NaN (a text without words has no word perplexity): such values are left out.
+    return {k: latest[k] for k in keys if k in latest and not (isinstance(latest[k], float) and not math.isfinite(latest[k]))}
 
 
 def _prompt_list(prompt) -> list[str | list[int]]:
