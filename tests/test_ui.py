@@ -9,6 +9,7 @@ speaking the same wire format (chunked server-sent events, OpenAI-style error JS
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -118,6 +119,45 @@ def app(monkeypatch, backend):
     monkeypatch.setenv("WIKIGPT_STATUS_INTERVAL", "0")
     monkeypatch.delenv("WIKIGPT_NOTEBOOKS_DIR", raising=False)
     return AppTest.from_file(UI_FILE, default_timeout=30)
+
+
+@pytest.fixture(scope="module")
+def evaluated_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with an eval_report.json in the format `wikigpt evaluate` writes."""
+    d = tmp_path_factory.mktemp("evaluated") / "tiny"
+    shutil.copytree(tiny_model_dir, d)
+    latest = {"model": str(d), "data": "wikitext-2-raw", "split": "test", "n_tokens": 4096, "complete": False,
+              "perplexity": 498.7, "word_perplexity": float("nan"), "bits_per_byte": 2.9}
+    (d / "eval_report.json").write_text(json.dumps({"format": 1, "model": str(d), "latest": latest,
+                                                    "results": [latest], "others": []}))
+    return d
+
+
+def test_real_api_answer_streams_into_the_page_with_its_model_facts(monkeypatch, evaluated_model_dir):
+    from tests.test_api import LiveServer
+    from wikigpt.modeling import load_model
+    from wikigpt.settings import ModelSettings
+
+    server = LiveServer(load_model(ModelSettings(model=str(evaluated_model_dir), device="cpu")))
+    try:
+        monkeypatch.setenv("WIKIGPT_API_URL", server.url)
+        monkeypatch.setenv("WIKIGPT_STATUS_INTERVAL", "0")
+        at = AppTest.from_file(UI_FILE, default_timeout=60).run()
+        assert "Backend ready" in at.sidebar.success[0].value
+        assert str(evaluated_model_dir) in "\n".join(m.value for m in at.sidebar.markdown)
+        assert at.sidebar.metric[0].value == "498.70"  # from the report, through GET /
+        assert "(part of the split)" in "\n".join(c.value for c in at.sidebar.caption)
+        at.sidebar.number_input(key="seed").set_value(3)
+        at = send(at.run(), "Data Science is")
+        turn = at.session_state.turns[0]
+        assert turn["status"] == "done", turn["error"]
+        assert turn["text"].strip() and turn["usage"]["completion_tokens"] >= 1
+        assert turn["finish_reason"] in {"length", "stop"}
+        at = send(at, "Data Science is")  # same seed, same settings: the same continuation
+        assert at.session_state.turns[1]["text"] == turn["text"]
+        assert not at.exception
+    finally:
+        server.close()
 
 
 def page_text(at: AppTest) -> str:
@@ -239,6 +279,13 @@ def test_backend_still_loading_is_a_warning_not_a_crash(app, backend):
     at = app.run()
     assert "Backend starting" in at.sidebar.error[0].value
     assert "still loading" in at.main.error[0].value and "HTTP 503" in at.main.error[0].value
+    assert not at.exception
+
+
+def test_backend_warming_up_is_shown_as_starting(app, backend):
+    backend.health = dict(HEALTH, ready=False)
+    at = app.run()
+    assert "Backend starting (warming up the model)" in at.sidebar.warning[0].value
     assert not at.exception
 
 

@@ -345,14 +345,15 @@ def _status_panel(s: UISettings) -> None:
     except BackendError as exc:
         health, error = None, exc.as_dict()
     was_up = st.session_state.get("backend_up")
-    up = health is not None and health.get("status", "ok") == "ok"
+    up = health is not None and health.get("status", "ok") == "ok" and health.get("ready") is not False
     st.session_state.health, st.session_state.health_error = health, error
     st.session_state.backend_up = up
     if up:
         st.success(f"Backend ready  \n`{s.api_url}`", icon=":material/check_circle:")
         _model_panel(health)
     elif health is not None:
-        st.warning(f"Backend starting ({escape_markdown(str(health.get('status')))})  \n`{s.api_url}`", icon=":material/hourglass_top:")
+        state = "warming up the model" if health.get("status", "ok") == "ok" else escape_markdown(str(health.get("status")))
+        st.warning(f"Backend starting ({state})  \n`{s.api_url}`", icon=":material/hourglass_top:")
     else:
         label = "Backend starting" if error["kind"] == "not_ready" else "Backend unavailable"
         st.error(f"{label}  \n`{s.api_url}`", icon=":material/cloud_off:")
