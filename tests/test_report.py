@@ -1,0 +1,89 @@
+"""`wikigpt report`: a real (smoke) training run of the tiny model, evaluated next to its base."""
+
+import json
+import shutil
+
+import pytest
+
+from wikigpt import cli
+from wikigpt.report import loss_curves, read_training_report
+
+from .conftest import CORPUS
+
+PROMPTS = ["--prompt", "Data Science is", "--prompt", "The history of"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_model_dir, tmp_path_factory):
+    from wikigpt.settings import TrainSettings, build
+    from wikigpt.train import train
+
+    tmp = tmp_path_factory.mktemp("report")
+    text = tmp / "wiki.test.raw"
+    text.write_text("".join(f" \n = Article {k} = \n \n {CORPUS.replace(chr(10), ' ')}\n" for k in range(12)))
+    values = dict(model=str(tiny_model_dir), train_file=str(text), cache_dir=str(tmp / "cache"),
+                  output_dir=str(tmp / "run"), device="cpu", progress=False, max_steps=6)
+    train(build(TrainSettings, values, preset="smoke"))
+    run = tmp / "run"
+    rc = cli.main(["evaluate", "--model", str(tiny_model_dir), "--model", str(run / "final"), "--test-file",
+                   str(text), "--cache-dir", str(tmp / "cache"), "--no-progress", "--stride", "128"])
+    assert rc == 0
+    return run
+
+
+def test_report_has_curves_base_table_and_samples(run_dir, tiny_model_dir, capsys):
+    assert cli.main(["report", str(run_dir), *PROMPTS, "--max-new-tokens", "10", "--no-decoding-check"]) == 0
+    md = (run_dir / "report.md").read_text()
+    for heading in ("## Training", "## Perplexity", "## Sample continuations", "## Reproduce"):
+        assert heading in md
+    assert "## Decoding quality" not in md
+    assert f"fine-tuned from {tiny_model_dir}" in md and "**tokens seen**: 3,072" in md  # 6 steps x 512
+    assert f"| {tiny_model_dir} (base) |" in md and f"| {run_dir / 'final'} |" in md
+    assert "```text\nData Science is" in md and "```text\nThe history of" in md
+    png = run_dir / "report-loss.png"
+    assert "](report-loss.png)" in md and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    assert matplotlib.image.imread(png).shape[:2] == (480, 840)  # 7 x 4 inches at 120 dpi
+
+
+def test_report_with_decoding_check_and_custom_output(run_dir, tmp_path):
+    out = tmp_path / "out" / "r.md"
+    assert cli.main(["report", str(run_dir), "--prompt", "Data Science is", "--max-new-tokens", "8",
+                     "--output", str(out)]) == 0
+    md = out.read_text()
+    assert "## Decoding quality" in md and "| greedy (the original)" in md and "](r-loss.png)" in md
+    assert (out.parent / "r-loss.png").is_file()
+
+
+def test_loss_curves_are_against_tokens_seen(run_dir, tmp_path):
+    report = read_training_report(run_dir, run_dir / "final")
+    train, val = loss_curves(run_dir, report)
+    assert [x for x, _ in train] == [512 * s for s in range(1, 7)]
+    assert [y for _, y in train] == pytest.approx(report["losses"])
+    assert val[-1] == (6 * 512, pytest.approx(report["validation"]["val_loss"]))
+    copy = tmp_path / "copy"  # without metrics.jsonl the report's own losses are used
+    shutil.copytree(run_dir / "final", copy / "final")
+    assert loss_curves(copy, report) == (train, val)
+
+
+def test_unevaluated_model_gets_the_command_to_evaluate_it(run_dir, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir / "final", copy / "final")
+    (copy / "final" / "eval_report.json").unlink()
+    assert cli.main(["report", str(copy), *PROMPTS[:2], "--max-new-tokens", "4", "--no-decoding-check"]) == 0
+    md = (copy / "report.md").read_text()
+    assert "Not evaluated yet" in md and f"wikigpt evaluate --model " in md and "--split test" in md
+
+
+def test_report_errors_exit_2(tmp_path, capsys):
+    assert cli.main(["report", str(tmp_path / "nope")]) == 2
+    assert "no such run folder" in capsys.readouterr().err
+    assert cli.main(["report", str(tmp_path)]) == 2
+    assert "holds no model" in capsys.readouterr().err
+    bad = tmp_path / "bad" / "final"
+    bad.mkdir(parents=True)
+    (bad / "config.json").write_text("{}")
+    (bad / "training_report.json").write_text("{not json")
+    assert cli.main(["report", str(bad.parent)]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
