@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bar on stderr (tqdm.auto wants ipywidgets in notebooks)
 
 from .errors import ConfigError
 from .modeling import LoadedModel
