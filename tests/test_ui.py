@@ -299,6 +299,16 @@ def test_notebook_buttons_download_what_exists_and_disable_what_does_not(monkeyp
     assert not at.exception
 
 
+def test_notebooks_are_found_in_the_checkout_by_default(monkeypatch):
+    monkeypatch.delenv("WIKIGPT_NOTEBOOKS_DIR", raising=False)
+    repo_notebooks = Path(__file__).resolve().parents[1] / "notebooks"
+    present = [name for name, *_ in ui.NOTEBOOKS if (repo_notebooks / name).is_file()]
+    if not present:
+        pytest.skip("no notebooks in this checkout yet")
+    for name in present:
+        assert ui.find_notebook(UISettings(), name)[0] == repo_notebooks / name
+
+
 def test_markdown_escaping_round_trips_wiki_text():
     assert ui.escape_markdown("= = A * b [c](d) $5 :x:\n") == r"\= \= A \* b \[c\]\(d\) \$5 \:x\:" + "  \n"
     assert ui.highlight_prompt("a\n\nb") == ":blue-background[**a**]  \n  \n:blue-background[**b**]"
@@ -312,6 +322,9 @@ def test_ui_runs_without_torch_or_transformers(tmp_path):
         f"at = AppTest.from_file({UI_FILE!r}, default_timeout=30).run()\n"
         "assert not at.exception, at.exception\n"
         "assert 'Backend unavailable' in at.sidebar.error[0].value\n"
+        "from wikigpt.cli import main, streamlit_command\n"  # `wikigpt ui` in the UI image
+        "from wikigpt.settings import UISettings\n"
+        "assert streamlit_command(UISettings())[0][2:4] == ['streamlit', 'run']\n"
     )
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "WIKIGPT_API_URL": f"http://127.0.0.1:{free_port()}",
            "WIKIGPT_STATUS_INTERVAL": "0"}
