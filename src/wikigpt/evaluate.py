@@ -182,7 +182,9 @@ def sliding_window_nll(
         x = torch.stack([ids[w.begin : w.end] for w in batch]).to(lm.device)
         # Only the last k+1 positions' logits are needed (a k x 50,257 slice instead of the
         # full window): position j predicts token j+1, so the last logit predicts nothing here.
-        logits = lm.model(input_ids=x, logits_to_keep=k + 1).logits[:, :-1]
+        # An explicit all-ones mask: the EOS between articles is also GPT-2's pad id, but here it
+        # is text to attend to, and transformers warns when it has to guess.
+        logits = lm.model(input_ids=x, attention_mask=torch.ones_like(x), logits_to_keep=k + 1).logits[:, :-1]
         nll = F.cross_entropy(logits.float().flatten(0, 1), x[:, length - k :].flatten(), reduction="none")
         nll = nll.view(len(batch), k).double().cpu()
         for row, w in enumerate(batch):
@@ -217,7 +219,8 @@ def evaluate_ids(
     if stride > window:
         raise ConfigError(f"--stride {stride} is longer than the window ({window} tokens): tokens would be skipped")
     with torch.inference_mode():  # warm-up: kernels are picked on the first call; keep that out of tok/s
-        lm.model(input_ids=torch.as_tensor(ids[:window], dtype=torch.long)[None].to(lm.device), logits_to_keep=1)
+        x = torch.as_tensor(ids[:window], dtype=torch.long)[None].to(lm.device)
+        lm.model(input_ids=x, attention_mask=torch.ones_like(x), logits_to_keep=1)
     if lm.device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -244,10 +247,10 @@ def pick_cpu_dtype() -> str:
     on a Xeon with AMX, bf16 matmuls run at ~2,070 vs ~346 GFLOP/s fp32 and DistilGPT2's eval
     forward at ~4,300 vs ~1,400 tok/s; on an AVX2-only AMD EPYC (no native bf16) the same bf16
     product ran at ~0.8 vs ~40 GFLOP/s, 50x slower than fp32. The probe is one attention-sized
-    product (256 x 768 @ 768 x 768, 0.3 GFLOP) per dtype: ~1 ms with AMX, ~0.4 s without.
+    product (128 x 768 @ 768 x 768, 0.15 GFLOP) per dtype: under 1 ms with AMX, ~0.2 s without.
     bf16 costs nothing measurable in accuracy here: see `wikigpt evaluate` in the README.
     """
-    a, b = torch.randn(256, 768), torch.randn(768, 768)
+    a, b = torch.randn(128, 768), torch.randn(768, 768)
 
     def best_of(dtype: torch.dtype, n: int, limit: float = math.inf) -> float:
         x, y = a.to(dtype), b.to(dtype)
