@@ -46,6 +46,7 @@ class ScriptedBackend:
         self.health, self.health_status = dict(HEALTH), 200
         self.mode: tuple = ("stream", [" an", " interdisciplinary", " field", "\n\n= = History = ="])
         self.requests: list[dict] = []
+        self.auth: list[str | None] = []
         backend = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -73,6 +74,7 @@ class ScriptedBackend:
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 backend.requests.append(body)
+                backend.auth.append(self.headers.get("Authorization"))
                 kind, *args = backend.mode
                 if kind == "error":
                     return self._json(*args)
@@ -247,6 +249,20 @@ def test_error_answer_shows_the_apis_message(app, backend):
         "prompt is too long: 2000 tokens, the model takes 1024 (parameter: prompt)")
     assert r"prompt is too long\: 2000 tokens" in at.main.error[-1].value
     assert not at.exception
+
+
+def test_missing_api_key_says_how_to_give_one(app, backend):
+    backend.mode = ("error", 401, {"error": {"message": "missing or wrong API key", "type": "authentication_error",
+                                             "param": None}})
+    at = send(app.run(), "Data Science is")
+    assert at.session_state.turns[0]["error"]["kind"] == "auth"
+    assert "HTTP 401" in at.main.error[-1].value and "WIKIGPT_API_KEY" in at.main.error[-1].value
+
+
+def test_api_key_is_sent_as_a_bearer_token(monkeypatch, app, backend):
+    monkeypatch.setenv("WIKIGPT_API_KEY", "s3cret")
+    send(app.run(), "Data Science is")
+    assert backend.auth == ["Bearer s3cret"]
 
 
 def test_stalled_backend_times_out_instead_of_freezing(monkeypatch, app, backend):

@@ -16,7 +16,7 @@ import json
 import re
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import requests
@@ -35,6 +35,7 @@ NOTEBOOKS = (
     ("train.ipynb", "Training notebook", "Fine-tune the model on WikiText with the wikigpt package."),
     ("inference.ipynb", "Inference notebook", "Load a model and generate text with the wikigpt package."),
 )
+AUTH_HINT = "The API wants a key: give the UI the same one with `wikigpt ui --api-key` or `WIKIGPT_API_KEY`."
 START_HINT = (
     "Start the backend with `wikigpt serve` (or `make run`, which starts the API and this UI "
     "together), or point the UI at a running one with `wikigpt ui --api-url URL` / `WIKIGPT_API_URL`."
@@ -62,9 +63,7 @@ class Completion:
     text: str = ""
     finish_reason: str | None = None
     usage: dict | None = None
-    done: bool = False
     seconds: float = 0.0
-    pieces: list[str] = field(default_factory=list)
 
 
 def _headers(s: UISettings) -> dict[str, str]:
@@ -109,7 +108,7 @@ def _http_error(resp: requests.Response, url: str) -> BackendError:
             detail += f" (parameter: {err['param']})"
     except (ValueError, KeyError, TypeError):
         detail = resp.text.strip()[:300] or resp.reason or "no details"
-    kind = "not_ready" if resp.status_code == 503 else "http"
+    kind = {401: "auth", 503: "not_ready"}.get(resp.status_code, "http")
     return BackendError(f"The backend answered HTTP {resp.status_code}", detail, url, kind=kind)
 
 
@@ -180,7 +179,6 @@ def stream_completion(
                 )
             for data in _sse_data(resp):
                 if data.strip() == "[DONE]":
-                    out.done = True
                     return
                 try:
                     chunk = json.loads(data)
@@ -198,7 +196,6 @@ def stream_completion(
                     piece = choice.get("text") or ""
                     if piece:
                         out.text += piece
-                        out.pieces.append(piece)
                         out.seconds = time.perf_counter() - started
                         yield piece
     except requests.RequestException as exc:
@@ -304,7 +301,7 @@ def _clear() -> None:
 def _show_error(err: dict, *, retry_label: str, key: str, on_retry, args=()) -> None:
     st.error(
         f"**{err['title']}.** {escape_markdown(err['detail'])}  \nURL tried: `{err['url']}`"
-        + (f"  \n{START_HINT}" if err["kind"] in {"unreachable", "timeout"} else ""),
+        + {"unreachable": f"  \n{START_HINT}", "timeout": f"  \n{START_HINT}", "auth": f"  \n{AUTH_HINT}"}.get(err["kind"], ""),
         icon=":material/error:",
     )
     st.button(retry_label, key=key, on_click=on_retry, args=args, icon=":material/refresh:")
