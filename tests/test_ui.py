@@ -89,7 +89,8 @@ class ScriptedBackend:
                     self._event(json.dumps({"object": "text_completion", "choices": [
                         {"index": 0, "text": piece, "finish_reason": None}]}))
                 if kind == "break":
-                    self._event(json.dumps({"error": {"message": args[1], "type": "server_error"}}))
+                    self._event(json.dumps({"error": {"message": args[1], "type": "server_error"}} if args[1]
+                                           else ["not", "a", "chunk"]))
                 if kind in ("stream", "break"):
                     self._event(json.dumps({"choices": [{"index": 0, "text": "", "finish_reason": "length"}],
                                             "usage": {"completion_tokens": len(args[0])}}))
@@ -279,6 +280,7 @@ def test_stalled_backend_times_out_instead_of_freezing(monkeypatch, app, backend
 @pytest.mark.parametrize("mode, title", [
     (("break", [" an", " inter"], "engine failed: out of memory"), "failed while generating"),
     (("cut", [" an", " inter"]), "closed the stream early"),
+    (("break", [" an", " inter"], None), "unexpected event"),  # an event that is not a completion chunk
 ])
 def test_broken_stream_keeps_the_partial_text_and_says_so(app, backend, mode, title):
     backend.mode = mode
@@ -327,7 +329,7 @@ def test_notebooks_are_found_in_the_checkout_by_default(monkeypatch):
 
 def test_markdown_escaping_round_trips_wiki_text():
     assert ui.escape_markdown("= = A * b [c](d) $5 :x:\n") == r"\= \= A \* b \[c\]\(d\) \$5 \:x\:" + "  \n"
-    assert ui.highlight_prompt("a\n\nb") == ":blue-background[**a**]  \n  \n:blue-background[**b**]"
+    assert ui.highlight_prompt("a\n\nb ") == ":blue-background[**a**]  \n  \n:blue-background[**b**] "
 
 
 def test_ui_runs_without_torch_or_transformers(tmp_path):

@@ -186,14 +186,16 @@ def stream_completion(
                     raise BackendError(
                         "The backend sent an unreadable event", data[:200], url, kind="protocol"
                     ) from None
-                if isinstance(chunk, dict) and chunk.get("error"):
+                if not isinstance(chunk, dict) or not all(isinstance(c, dict) for c in chunk.get("choices") or ()):
+                    raise BackendError("The backend sent an unexpected event", data[:200], url, kind="protocol")
+                if chunk.get("error"):
                     err = chunk["error"]
                     detail = err.get("message", str(err)) if isinstance(err, dict) else str(err)
                     raise BackendError("The backend failed while generating", detail, url)
                 out.usage = chunk.get("usage") or out.usage
                 for choice in chunk.get("choices") or ():
                     out.finish_reason = choice.get("finish_reason") or out.finish_reason
-                    piece = choice.get("text") or ""
+                    piece = str(choice.get("text") or "")
                     if piece:
                         out.text += piece
                         out.seconds = time.perf_counter() - started
@@ -234,8 +236,12 @@ def escape_markdown(text: str) -> str:
 
 def highlight_prompt(prompt: str) -> str:
     """The prompt as highlighted bold text (line by line: a directive cannot span lines)."""
-    lines = (f":blue-background[**{escape_markdown(line)}**]" if line.strip() else "" for line in prompt.split("\n"))
-    return "  \n".join(lines)
+    def one(line: str) -> str:  # spaces stay outside: `** x**` would not be bold
+        core = line.strip()
+        lead, trail = line[: len(line) - len(line.lstrip())], line[len(line.rstrip()):]
+        return f"{lead}:blue-background[**{escape_markdown(core)}**]{trail}" if core else ""
+
+    return "  \n".join(one(line) for line in prompt.split("\n"))
 
 
 def sampling_request(state) -> dict:
