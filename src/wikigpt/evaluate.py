@@ -325,10 +325,11 @@ def fmt_ppl(x: float) -> str:
 
 def format_table(results: list[EvalResult]) -> str:
     """A Markdown table, one row per model."""
-    head = ("model", "tokens", "perplexity", "word ppl", "bits/byte", "stride", "dtype", "tok/s")
+    head = ("model", "tokens", "perplexity", "word ppl", "bits/byte", "window/stride", "mean ctx", "dtype", "tok/s")
     rows = [
         (r.model, f"{r.n_tokens:,}" + ("" if r.complete else " (partial)"), fmt_ppl(r.perplexity),
-         fmt_ppl(r.word_perplexity), f"{r.bits_per_byte:.4f}", f"{r.stride}/{r.window}", r.dtype, f"{r.tokens_per_s:,.0f}")
+         fmt_ppl(r.word_perplexity), f"{r.bits_per_byte:.4f}", f"{r.window}/{r.stride}", f"{r.mean_context:.0f}",
+         r.dtype, f"{r.tokens_per_s:,.0f}")
         for r in results
     ]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
@@ -414,8 +415,9 @@ def run(s: EvalSettings) -> int:
         print(json.dumps([r.to_dict() for r in results], indent=2))
     else:
         r0 = results[0]
-        what = f"{r0.data} {r0.split}" + ("" if r0.complete else f", first {s.max_tokens:,} tokens")
-        print(f"{what}: window {r0.window}, stride {r0.stride}, mean context {r0.mean_context:.0f} tokens, "
-              f"{r0.n_words:,} words, {r0.n_bytes:,} bytes\n")
+        what = f"{r0.data}, {r0.split} split" + ("" if r0.complete else f", first {s.max_tokens:,} tokens")
+        if len({(r.n_words, r.n_bytes) for r in results}) == 1:  # partial runs of different tokenizers differ
+            what += f": {r0.n_words:,} words, {r0.n_bytes:,} bytes"
+        print(what + "\n")
         print(format_table(results))
     return 0
