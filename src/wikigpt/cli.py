@@ -24,7 +24,10 @@ from pydantic import BaseModel
 
 from . import __version__
 from .errors import ConfigError, WikigptError
-from .settings import DecodingCheckSettings, EvalSettings, GenerateSettings, ReportSettings, ServeSettings, UISettings, build
+from .settings import (
+    DecodingCheckSettings, EvalSettings, GenerateSettings, PrepareSettings, ReportSettings, TrainSettings,
+    ServeSettings, UISettings, build,
+)
 
 
 @dataclass
@@ -32,6 +35,7 @@ class Command:
     settings: type[BaseModel]
     run: Callable[[Any], int | None]
     positional: tuple[str, ...] = ()
+    presets: bool = False  # adds --preset NAME (configs/NAME.yaml), ranked below flags and env vars
 
 
 def _quiet_transformers() -> None:
@@ -135,7 +139,23 @@ def run_report(s: ReportSettings) -> int:
     return run(s)
 
 
+def run_prepare(s: PrepareSettings) -> int:
+    _quiet_transformers()
+    from .train import run_prepare as run
+
+    return run(s)
+
+
+def run_train(s: TrainSettings) -> int:
+    _quiet_transformers()
+    from .train import run
+
+    return run(s)
+
+
 COMMANDS: dict[str, Command] = {
+    "prepare": Command(PrepareSettings, run_prepare, presets=True),
+    "train": Command(TrainSettings, run_train, presets=True),
     "generate": Command(GenerateSettings, run_generate, positional=("prompt",)),
     "evaluate": Command(EvalSettings, run_evaluate),
     "decoding-check": Command(DecodingCheckSettings, run_decoding_check),
@@ -190,6 +210,9 @@ def make_parser() -> argparse.ArgumentParser:
         doc = (cmd.settings.__doc__ or "").strip()
         p = sub.add_parser(name, help=doc.splitlines()[0] if doc else None, description=doc)
         add_settings_arguments(p, cmd.settings, cmd.positional)
+        if cmd.presets:
+            p.add_argument("--preset", metavar="NAME", default=None,
+                           help="configs/NAME.yaml (or a .yaml path): settings below flags and env vars")
     return parser
 
 
@@ -197,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     args = vars(make_parser().parse_args(argv))
     cmd = COMMANDS[args.pop("command")]
     try:
-        settings = build(cmd.settings, args)
+        settings = build(cmd.settings, args, preset=args.pop("preset", None))
         return int(cmd.run(settings) or 0)
     except WikigptError as exc:
         print(f"wikigpt: error: {exc.message}", file=sys.stderr)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
@@ -175,8 +176,12 @@ def save_model(
     out_dir: str | os.PathLike,
     sampling: SamplingParams | None = None,
     extra_files: dict[str, dict] | None = None,
+    extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write weights (safetensors), tokenizer, tuned generation_config.json and any JSON reports.
+
+    `extra_tensors` maps file names to tensor dicts written as safetensors (training checkpoints
+    keep the optimizer state there, so resuming never unpickles anything).
 
     Atomic: everything is written into a temporary sibling directory that is then renamed over
     the target, so a crash never leaves a half-written model behind.
@@ -190,6 +195,8 @@ def save_model(
         tokenizer.save_pretrained(tmp)
         for filename, payload in (extra_files or {}).items():
             (tmp / filename).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+        for filename, tensors in (extra_tensors or {}).items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / filename))
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)
@@ -201,3 +208,62 @@ def save_model(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a safetensors file written through `save_model(extra_tensors=...)`."""
+    try:
+        return load_file(str(path))
+    except (OSError, ValueError) as exc:  # safetensors raises SafetensorError (a ValueError) on bad files
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+
+
+def load_tokenizer(name: str, revision: str | None = None) -> PreTrainedTokenizerBase:
+    """A tokenizer from a Hub id or local directory, pad = EOS, or a ModelNotFoundError."""
+    if _looks_like_path(name) and not Path(name).expanduser().is_dir():
+        raise _not_found(name, "no such directory")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(Path(name).expanduser()) if _looks_like_path(name) else name,
+                                            revision=revision)
+    except (OSError, ValueError) as exc:
+        raise _not_found(name, _reason(exc)) from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def init_model(config_source: str, tokenizer: PreTrainedTokenizerBase, overrides: str | None = None) -> PreTrainedModel:
+    """A causal LM with random weights (float32) whose architecture comes from `config_source`
+    (a model type such as 'gpt2' for its default config, a config.json file, a model directory
+    or a Hub id), resized to the tokenizer's vocabulary.
+
+    `overrides` is run_clm's `--config_overrides` syntax: "n_layer=4,n_embd=256,n_head=4".
+    """
+    from transformers import AutoConfig
+
+    from transformers import CONFIG_MAPPING
+
+    path = Path(config_source).expanduser()
+    try:
+        if config_source in CONFIG_MAPPING and not path.exists():  # a model type: its default config
+            config = AutoConfig.for_model(config_source)
+        elif path.is_file():
+            config = AutoConfig.for_model(**json.loads(path.read_text()))
+        else:
+            config = AutoConfig.from_pretrained(str(path) if path.is_dir() else config_source)
+    except (OSError, ValueError, KeyError) as exc:
+        raise _not_found(config_source, _reason(exc)) from None
+    if overrides:
+        try:
+            config.update_from_string(overrides)
+        except ValueError as exc:
+            raise ConfigError(f"--config-overrides {overrides!r}: {exc}") from None
+    config.vocab_size = len(tokenizer)
+    config.bos_token_id = config.eos_token_id = tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    try:
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    except ValueError as exc:  # e.g. n_embd not divisible by n_head, or not a causal LM
+        raise ConfigError(f"cannot build a model from {config_source}: {exc}") from None
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
