@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
 
 from common import SHARED, distilgpt2_shaped
 
@@ -38,6 +39,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     args = ap.parse_args()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
     start = time.perf_counter()
     choice = pick_cpu_dtype()
