@@ -4,7 +4,9 @@ Method (the Hugging Face "Perplexity of fixed-length models" guide): the split i
 stream; a window of the model's context length (1024 for GPT-2) slides over it `stride` tokens
 at a time, and each window scores only the tokens that no earlier window scored, so every token
 is counted exactly once and, with stride 512, is predicted from at least 512 tokens of context
-(window 1024 - stride 512). The first token of the stream has no context and is not scored.
+(window 1024 - stride 512). The stream's first token has no context and is not scored, so
+`wikigpt evaluate` puts an EOS in front of the split (articles are already separated by EOS):
+every token of the text is scored, as the harness below prefixes each document with EOT.
 
     perplexity      = exp(NLL / scored tokens)              NLL: summed -ln p, in nats
     word_perplexity = exp(NLL / words)                      words: whitespace-separated pieces
@@ -16,7 +18,7 @@ Words and bytes are those of the text that was scored, i.e. the raw WikiText as 
 on the tokens' decoded text. This is lm-evaluation-harness's `wikitext` normalisation (total
 loglikelihood over `len(re.split(r"\\s+", page))` words and `len(page.encode())` bytes of the
 original, non-detokenised pages) with two documented differences: the harness scores its
-detokenised pages one article at a time (each from an empty context) while we score the raw
+detokenised pages one article at a time (each starting from EOT alone) while we score the raw
 stream with 512+ tokens of context, and `re.split` also counts the empty strings at a page's two
 ends, at most 2 of ~4,000 words per article (< 0.05 %).
 """
