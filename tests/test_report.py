@@ -87,3 +87,13 @@ def test_report_errors_exit_2(tmp_path, capsys):
     (bad / "training_report.json").write_text("{not json")
     assert cli.main(["report", str(bad.parent)]) == 2
     assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_run_without_final_model_reports_its_newest_checkpoint(run_dir, tmp_path):
+    copy = tmp_path / "unfinished"
+    shutil.copytree(run_dir / "checkpoints", copy / "checkpoints")
+    shutil.copy(run_dir / "metrics.jsonl", copy / "metrics.jsonl")
+    assert cli.main(["report", str(copy), *PROMPTS[:2], "--max-new-tokens", "4", "--no-decoding-check"]) == 0
+    md = (copy / "report.md").read_text()
+    assert "checkpoints/step-0000006" in md and "(checkpoint at step 6, run completed)" in md
+    assert "**tokens seen**: 3,072" in md and "](report-loss.png)" in md

@@ -23,25 +23,35 @@ from .evaluate import fmt_ppl, read_eval_report, result_key
 from .settings import ReportSettings
 
 TRAINING_REPORT = "training_report.json"
+TRAINER_STATE = "trainer_state.json"  # train.py's checkpoint state
 
 
 def find_model_dir(run_dir: Path, model: str | None) -> Path:
+    """--model, else RUN_DIR/final, else RUN_DIR itself, else the newest checkpoint of a run that
+    is still going or was interrupted (its report says so)."""
     if model:
         return Path(model).expanduser()
-    for candidate in (run_dir / "final", run_dir):
+    checkpoints = sorted((run_dir / "checkpoints").glob("step-*"), reverse=True)
+    for candidate in (run_dir / "final", run_dir, *checkpoints):
         if (candidate / "config.json").is_file():
             return candidate
-    raise ConfigError(f"{run_dir} holds no model (no final/config.json): pass the model with --model, or "
-                      "finish the run first (wikigpt train --resume)")
+    raise ConfigError(f"{run_dir} holds no model (no final/config.json and no checkpoint): pass the model "
+                      "with --model")
 
 
 def read_training_report(run_dir: Path, model_dir: Path) -> dict | None:
-    for path in (model_dir / TRAINING_REPORT, run_dir / TRAINING_REPORT):
+    """final/training_report.json, or for a checkpoint the trainer state it was saved with."""
+    for path in (model_dir / TRAINING_REPORT, run_dir / TRAINING_REPORT, model_dir / TRAINER_STATE):
         if path.is_file():
             try:
-                return json.loads(path.read_text())
+                report = json.loads(path.read_text())
             except ValueError as exc:
                 raise ConfigError(f"{path} is not valid JSON ({exc})") from None
+            if path.name == TRAINER_STATE:  # same fields as the final report, under other names
+                step = report.get("step") or 0
+                report |= {"steps": step, "tokens_per_step": report.get("tokens_seen", 0) // max(1, step),
+                           "stopped": f"checkpoint at step {step}, run {report.get('stopped', 'unfinished')}"}
+            return report
     return None
 
 
@@ -78,12 +88,15 @@ def plot_losses(train, val, title: str, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     if train:
         x, y = zip(*train)
+        # Debiased exponential moving average (TensorBoard's smoothing), its weight scaled to the
+        # number of points so a short run is not flattened: 50 steps -> 0.6, 400+ -> 0.95.
+        w = min(0.95, max(0.0, 1 - 20 / len(y)))
+        ema, smooth = 0.0, []
+        for t, v in enumerate(y, 1):
+            ema = w * ema + (1 - w) * v
+            smooth.append(ema / (1 - w**t))
         ax.plot(x, y, color="tab:blue", alpha=0.3, linewidth=0.8)
-        ema, smooth = y[0], []
-        for v in y:  # exponential moving average, the usual way to read a noisy training curve
-            ema = 0.9 * ema + 0.1 * v
-            smooth.append(ema)
-        ax.plot(x, smooth, color="tab:blue", label="training loss (EMA 0.9)")
+        ax.plot(x, smooth, color="tab:blue", label=f"training loss (EMA {w:.2f})" if w else "training loss")
     if val:
         x, y = zip(*val)
         ax.plot(x, y, "o-", color="tab:orange", label="validation loss")
@@ -148,28 +161,26 @@ def _key(r: dict) -> tuple | None:
 def training_section(report: dict | None, png: str | None) -> str:
     if report is None:
         return "No training_report.json found: the loss curve and training numbers are missing.\n"
-    st = report.get("settings", {})
-    val = report.get("validation") or {}
-    data = report.get("data", {})
+    r, st, data = report, report.get("settings", {}), report.get("data")
+    val = r.get("validation") or (r.get("evals") or [None])[-1]
     start = (f"fine-tuned from {st.get('model')}" if st.get("init", "pretrained") == "pretrained"
              else f"random weights ({st.get('architecture') or st.get('model')}, {st.get('config_overrides') or 'default config'})")
+    losses = r.get("losses") or []
     items = [
         ("started from", start),
-        ("data", f"{data.get('source')}: {data.get('train_tokens', 0):,} training tokens, "
-                 f"{data.get('epochs', 0)} epochs"),
-        ("steps", f"{report.get('steps')} of {report.get('max_steps')} ({report.get('stopped')})"),
-        ("tokens seen", f"{report.get('tokens_seen', 0):,}"),
-        ("parameters", f"{report.get('n_params', 0) / 1e6:.1f} M"),
-        ("speed", f"{report.get('tokens_per_second')} tokens/s on {report.get('device')}, {report.get('precision')}, "
-                  f"{report.get('train_seconds', 0) / 60:.1f} min"),
-        ("training loss", f"{report.get('train_loss_first')} at the start, {report.get('train_loss_last10')} "
-                          "(mean of the last 10 steps)"),
+        ("data", data and f"{data.get('source')}: {data.get('train_tokens', 0):,} training tokens, {data.get('epochs')} epochs"),
+        ("steps", f"{r.get('steps')} of {r.get('max_steps')} ({r.get('stopped')})"),
+        ("tokens seen", f"{r.get('tokens_seen', 0):,}"),
+        ("parameters", r.get("n_params") and f"{r['n_params'] / 1e6:.1f} M"),
+        ("speed", r.get("tokens_per_second") and f"{r['tokens_per_second']:,} tokens/s on {r.get('device')}, "
+                                                  f"{r.get('precision')}, {r.get('train_seconds', 0) / 60:.1f} min"),
+        ("training loss", losses and f"{losses[0]} at the start, {sum(losses[-10:]) / len(losses[-10:]):.4f} "
+                                     "(mean of the last 10 recorded steps)"),
+        ("validation", val and f"loss {val.get('val_loss')}, perplexity {val.get('val_ppl')} at step {val.get('step')} "
+                               f"over {val.get('val_tokens', 0):,} tokens (non-overlapping blocks: less context per "
+                               "token than the sliding-window test perplexity below)"),
     ]
-    if val:
-        items.append(("validation", f"loss {val.get('val_loss')}, perplexity {val.get('val_ppl')} over "
-                                    f"{val.get('val_tokens', 0):,} tokens (non-overlapping blocks: less context "
-                                    "per token than the sliding-window test perplexity below)"))
-    text = "\n".join(f"- **{k}**: {v}" for k, v in items) + "\n"
+    text = "\n".join(f"- **{k}**: {v}" for k, v in items if v) + "\n"
     if png:
         text += f"\n![training and validation loss against tokens seen]({png})\n"
     return text
