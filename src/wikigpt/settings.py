@@ -290,15 +290,15 @@ class EvalSettings(ModelSettings):
 
     model: Annotated[list[str], NoDecode] = Field(default_factory=lambda: [DEFAULT_MODEL], min_length=1, max_length=16)
     """Model to evaluate (Hub id or local directory); repeat --model to compare several in one
-    table, e.g. --model distilbert/distilgpt2 --model runs/distilgpt2-wt103/final."""
+    table, e.g. --model distilbert/distilgpt2 --model runs/wikitext103-gpu/final."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weight dtype; 'auto' is bfloat16 on GPUs and, on CPUs, bfloat16 only where a quick matmul
-    probe finds it faster than float32 (AMX Xeons: ~3x faster evaluation; CPUs without native
-    bf16 run it 50x slower), else float32."""
+    probe finds it clearly faster than float32 (an AMX Xeon evaluates ~3x faster in bf16; an
+    AVX2-only EPYC, which emulates bf16, measured 14x slower), else float32."""
     data: str | None = "wikitext-2-raw-v1"
     """Text source: a WikiText config on the Hub (wikitext-2-raw-v1's validation and test splits
-    are WikiText-103's, same articles, a 4 MB download instead of 190 MB; wikitext-103-raw-v1),
-    hf:NAME[:CONFIG], or a folder holding wiki.valid.raw / wiki.test.raw."""
+    are WikiText-103's, the same articles, in a download of a few MB instead of hundreds;
+    wikitext-103-raw-v1), hf:NAME[:CONFIG], or a folder holding wiki.valid.raw / wiki.test.raw."""
     split: Literal["test", "validation"] = "test"
     """Which split to score."""
     test_file: str | None = None
