@@ -1,0 +1,309 @@
+"""The HTTP API on a real uvicorn server bound to 127.0.0.1 (ephemeral ports), driven by curl,
+httpx and the official `openai` client."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from wikigpt.generation import generate
+from wikigpt.settings import SamplingParams, ServeSettings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class LiveServer:
+    """`create_app` served by uvicorn in a thread, on a socket bound to 127.0.0.1:0."""
+
+    def __init__(self, lm, **settings) -> None:
+        import uvicorn
+
+        from wikigpt.api import create_app
+        from wikigpt.engine import Engine
+
+        s = ServeSettings(model=lm.name, **settings)
+        self.engine = Engine(lm, max_batch_size=s.max_batch_size, queue_size=s.queue_size,
+                             bf16_from_batch=s.bf16_from_batch)
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(create_app(s, self.engine), log_level="warning",
+                                                    access_log=False, timeout_graceful_shutdown=2))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not (self.server.started and self.engine.ready.is_set()):
+            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_lm):
+    # float32 only, so batched greedy text can be compared with `generate` exactly
+    srv = LiveServer(tiny_lm, bf16_from_batch=0, max_body_bytes=100_000)
+    yield srv
+    srv.close()
+
+
+@pytest.fixture()
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
+
+
+def metric(text: str, name: str, **labels) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    total = 0.0
+    for line in text.splitlines():
+        m = re.match(r"^(\w+)(?:\{(.*)\})? (\S+)$", line)
+        if m and m[1] == name and (not labels or ",".join(sorted((m[2] or "").split(","))) == want):
+            total += float(m[3])
+    return total
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_cli_serve_answers_the_original_curl_call(tiny_model_dir):
+    """`wikigpt serve` in a subprocess; the README's exact curl call, without Content-Type."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WIKIGPT_API_KEY": ""}
+    env.pop("WIKIGPT_API_KEY")
+    proc = subprocess.Popen([sys.executable, "-m", "wikigpt.cli", "serve", "--model", str(tiny_model_dir),
+                             "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        port, lines = None, []
+        deadline = time.monotonic() + 120
+        while port is None and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line, "server exited:\n" + "".join(lines)
+            lines.append(line)
+            if m := re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", line):
+                port = int(m[1])
+        assert port, "".join(lines)
+        out = subprocess.run(["curl", "-s", "-i", "-X", "POST", f"http://localhost:{port}/predict",
+                              "-d", '{"text":"Data Science is"}'], capture_output=True, text=True, timeout=60)
+        head, _, body = out.stdout.partition("\n\n")  # text mode turned \r\n into \n
+        assert head.startswith("HTTP/1.1 200"), out.stdout
+        answer = json.loads(body)
+        assert answer["predictions"].startswith("Data Science is") and len(answer["predictions"]) > 15
+        health = subprocess.run(["curl", "-s", f"http://localhost:{port}/"], capture_output=True, text=True, timeout=30)
+        assert json.loads(health.stdout)["status"] == "ok"
+    finally:
+        proc.terminate()
+        rest = proc.communicate(timeout=30)[0]
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises it so the exit status says so
+    assert proc.returncode in (0, -15) and "Application shutdown complete" in rest, rest
+    assert "Data Science" not in "".join(lines) + rest  # request logs never carry prompt text
+    assert "POST /predict 200" in rest
+
+
+def test_predict_form_encoded_body_and_sampling_fields(client, tiny_lm):
+    r = client.post("/predict", content=b'{"text": "Data Science is"}',
+                    headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 200 and r.json()["predictions"].startswith("Data Science is")
+    p = SamplingParams(max_new_tokens=12, temperature=0.0)
+    r = client.post("/predict", json={"text": "The history of", "max_new_tokens": 12, "temperature": 0.0})
+    assert r.json()["predictions"] == generate(tiny_lm, "The history of", p)
+    assert r.json()["usage"]["completion_tokens"] <= 12
+
+
+def test_health_ready_and_models(client, tiny_lm):
+    root = client.get("/").json()
+    assert root["status"] == "ok" and root["model"] == tiny_lm.name and root["ready"] is True
+    assert root["context_length"] == 256 and root["n_params"] == tiny_lm.n_params
+    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/ready").status_code == 200
+    models = client.get("/v1/models").json()
+    assert models["object"] == "list" and models["data"][0]["id"] == tiny_lm.name
+    assert models["data"][0]["context_length"] == 256
+
+
+def test_openai_client_completions_models_and_streaming(server, tiny_lm):
+    import openai
+
+    oc = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    (model,) = [m.id for m in oc.models.list()]
+    c = oc.completions.create(model=model, prompt="Data science is", max_tokens=16, temperature=0)
+    want = generate(tiny_lm, "Data science is", SamplingParams(max_new_tokens=16, temperature=0.0))
+    assert "Data science is" + c.choices[0].text == want
+    assert c.usage.completion_tokens <= 16 and c.usage.prompt_tokens > 0 and c.choices[0].finish_reason
+
+    seeded = dict(model=model, prompt="Wikipedia is", max_tokens=20, seed=5, top_p=0.9)
+    whole = oc.completions.create(**seeded).choices[0].text
+    pieces, finish, usage = [], None, None
+    for chunk in oc.completions.create(**seeded, stream=True, stream_options={"include_usage": True}):
+        for ch in chunk.choices:
+            pieces.append(ch.text)
+            finish = ch.finish_reason or finish
+        usage = chunk.usage or usage
+    assert "".join(pieces) == whole and len(pieces) > 1 and finish in {"stop", "length"}
+    assert usage.completion_tokens > 0
+
+    many = oc.completions.create(model=model, prompt=["Data science is", "The history of"], n=2,
+                                 max_tokens=8, seed=1, echo=True)
+    assert [ch.index for ch in many.choices] == [0, 1, 2, 3]
+    assert many.choices[0].text.startswith("Data science is") and many.choices[3].text.startswith("The history of")
+    assert many.choices[0].text != many.choices[1].text  # n choices get different seeds
+
+
+def test_raw_sse_stream_ends_with_done(client):
+    with client.stream("POST", "/v1/completions", json={"prompt": "Data", "max_tokens": 6, "stream": True}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[-2][6:])["choices"][0]["finish_reason"] in {"stop", "length"}
+
+
+BAD = [
+    # (method, path, body bytes or json, status, words in the message)
+    ("POST", "/predict", b'{"text": "Data', 400, "not valid JSON"),
+    ("POST", "/predict", b'["Data"]', 400, "JSON object"),
+    ("POST", "/predict", b"", 400, "empty"),
+    ("POST", "/predict", {}, 400, "text: field required"),
+    ("POST", "/predict", {"text": ""}, 400, "text"),
+    ("POST", "/predict", {"text": 42}, 400, "text: Input should be a valid string"),
+    ("POST", "/predict", {"text": "a", "max_new_tokens": "ten"}, 400, "max_new_tokens"),
+    ("POST", "/predict", {"text": "a", "temperature": -1}, 400, "temperature"),
+    ("POST", "/predict", {"text": "a", "top_p": 0}, 400, "top_p"),
+    ("POST", "/predict", {"text": "a", "tempreature": 0.5}, 400, "tempreature: unknown field"),
+    ("POST", "/predict", {"text": "a", "stop": [""]}, 400, "stop"),
+    ("POST", "/predict", b'{"text": "a", "temperature": NaN}', 400, "NaN"),
+    ("POST", "/predict", b'{"text": "caf\xe9"}', 400, "UTF-8"),
+    ("POST", "/predict", b'{"text": "' + b"a" * 100_001 + b'"}', 413, "larger than 100000 bytes"),
+    ("POST", "/predict", {"text": "Data science is " * 120}, 400, "context of 256 tokens"),
+    ("POST", "/v1/completions", {"prompt": "a", "model": "gpt-4"}, 404, "'gpt-4' is not served here"),
+    ("POST", "/v1/completions", {"prompt": "a", "max_tokens": 0}, 400, "max_tokens"),
+    ("POST", "/v1/completions", {"prompt": "a", "n": 0}, 400, "n:"),
+    ("POST", "/v1/completions", {"prompt": []}, 400, "prompt"),
+    ("POST", "/v1/completions", {"prompt": "a", "logprobs": 2}, 400, "logprobs: not supported"),
+    ("POST", "/v1/completions", {"prompt": [99999]}, 400, "token ids must be in"),
+    ("POST", "/v1/completions", {"prompt": "a", "max_tokens": 300}, 400, "max_tokens is 300"),
+    ("GET", "/predict", None, 405, "method GET is not allowed on /predict"),
+    ("DELETE", "/v1/completions", None, 405, "not allowed"),
+    ("GET", "/v2/nothing", None, 404, "no route GET /v2/nothing"),
+    ("GET", "/v1/models/gpt-4", None, 404, "not served here"),
+]
+
+
+def test_bad_requests_are_clear_4xx_and_the_server_survives(client):
+    assert len(BAD) >= 15
+    for method, path, body, status, words in BAD:
+        kw = {"json": body} if isinstance(body, (dict, list)) else {"content": body}
+        r = client.request(method, path, **kw)
+        assert r.status_code == status, (method, path, body, r.text)
+        err = r.json()["error"]
+        assert words in err["message"], (words, err)
+        assert err["type"] in {"invalid_request_error", "not_found_error"} and "param" in err
+        assert "Traceback" not in r.text
+    assert client.get("/health").status_code == 200
+    assert client.post("/predict", json={"text": "still alive"}).status_code == 200
+
+
+def test_32_concurrent_clients_are_batched_and_all_correct(server, tiny_lm):
+    prompts = [f"{w} is" for w in ("Data", "Rome", "Wikipedia", "Science")] * 8
+    want = {p: generate(tiny_lm, p, SamplingParams(max_new_tokens=16, temperature=0.0)) for p in set(prompts)}
+    before = httpx.get(server.url + "/metrics").text
+
+    def call(p):
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            return c.post("/predict", json={"text": p, "max_new_tokens": 16, "temperature": 0.0})
+
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(call, prompts))
+    assert time.monotonic() - t0 < 90
+    assert [a.status_code for a in answers] == [200] * 32
+    assert [a.json()["predictions"] for a in answers] == [want[p] for p in prompts]
+    after = httpx.get(server.url + "/metrics").text
+    # some decoding steps ran many sequences at once
+    big_steps = metric(after, "wikigpt_batch_size_count") - metric(after, "wikigpt_batch_size_bucket", le="4.0")
+    big_before = metric(before, "wikigpt_batch_size_count") - metric(before, "wikigpt_batch_size_bucket", le="4.0")
+    assert big_steps > big_before
+
+
+def test_metrics_change_as_requests_are_served(client):
+    before = client.get("/metrics").text
+    client.post("/predict", json={"text": "Data science is", "max_new_tokens": 5})
+    after = client.get("/metrics").text
+    labels = {"route": "/predict", "method": "POST", "status": "200"}
+    assert metric(after, "wikigpt_http_requests_total", **labels) == metric(before, "wikigpt_http_requests_total", **labels) + 1
+    assert metric(after, "wikigpt_generated_tokens_total") > metric(before, "wikigpt_generated_tokens_total")
+    assert metric(after, "wikigpt_time_to_first_token_seconds_count") > metric(before, "wikigpt_time_to_first_token_seconds_count")
+    assert "wikigpt_queue_depth 0.0" in after and "wikigpt_running_sequences" in after
+
+
+@pytest.fixture(scope="module")
+def long_context_lm(tmp_path_factory):
+    """A small model with an 8,192-token context: a request for 4,000 tokens keeps it busy for
+    many seconds (4 layers of width 256, ~1 ms a token here) while the test fills the queue."""
+    from tests.conftest import make_tiny_model
+
+    from wikigpt.modeling import load_model
+    from wikigpt.settings import ModelSettings
+
+    path = make_tiny_model(tmp_path_factory.mktemp("models") / "long", n_layer=4, n_embd=256,
+                           n_positions=8192)
+    return load_model(ModelSettings(model=str(path), device="cpu"))
+
+
+def test_full_queue_503_and_disconnect_frees_the_slot(long_context_lm):
+    srv = LiveServer(long_context_lm, max_batch_size=1, queue_size=1, retry_after=7, bf16_from_batch=0)
+    long = {"prompt": "Data", "max_tokens": 4000, "ignore_eos": True, "stream": True}
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60) as a, httpx.Client(base_url=srv.url, timeout=60) as b:
+            with a.stream("POST", "/v1/completions", json=long) as ra:
+                lines_a = ra.iter_lines()  # kept: a dropped iterator closes the response
+                first = next(lines_a)  # A is decoding: it holds the only batch slot
+                assert ra.status_code == 200 and first.startswith("data: "), first
+                with b.stream("POST", "/v1/completions", json={**long, "max_tokens": 5}) as rb:
+                    assert rb.status_code == 200  # B is queued
+                    state = (srv.engine.queue_depth, srv.engine.batch_size, srv.engine.steps)
+                    assert state[:2] == (1, 1), state
+                    r = httpx.post(srv.url + "/predict", json={"text": "C"}, timeout=30)
+                    assert r.status_code == 503 and r.headers["retry-after"] == "7"
+                    assert r.json()["error"]["type"] == "overloaded_error"
+                    ra.close()  # A's client goes away mid-stream ...
+                    t0 = time.monotonic()
+                    lines = [x for x in rb.iter_lines() if x.startswith("data: ")]  # ... so B runs
+                    assert lines[-1] == "data: [DONE]" and time.monotonic() - t0 < 30
+        deadline = time.monotonic() + 10
+        while srv.engine.batch_size and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert srv.engine.batch_size == 0 and srv.engine.queue_depth == 0
+        assert httpx.post(srv.url + "/predict", json={"text": "D", "max_new_tokens": 3}, timeout=30).status_code == 200
+    finally:
+        srv.close()
+
+
+def test_api_key_guards_everything_but_health(tiny_lm):
+    import openai
+
+    srv = LiveServer(tiny_lm, api_key="s3cret")
+    try:
+        for path in ("/", "/health", "/ready"):
+            assert httpx.get(srv.url + path).status_code == 200
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            for method, path in (("GET", "/v1/models"), ("GET", "/metrics"), ("POST", "/predict")):
+                r = httpx.request(method, srv.url + path, headers=headers, json={"text": "a"})
+                assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+                assert r.headers["www-authenticate"] == "Bearer"
+        oc = openai.OpenAI(base_url=srv.url + "/v1", api_key="s3cret", max_retries=0)
+        assert oc.completions.create(model=tiny_lm.name, prompt="a", max_tokens=3).choices[0].text is not None
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=srv.url + "/v1", api_key="nope", max_retries=0).models.list()
+    finally:
+        srv.close()
