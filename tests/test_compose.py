@@ -143,17 +143,17 @@ def stack(tmp_path_factory):
         # Compose v1 builds through docker-py (classic builder): no buildx needed.
         COMPOSE_DOCKER_CLI_BUILD="0", DOCKER_BUILDKIT="0",
     )
+    for name in ("WIKIGPT_API_KEY", "HF_TOKEN"):  # passed through by the compose file when set
+        env.pop(name, None)
     old_images = {svc: image_id(f"wikigpt/{svc}:{TAG}") for svc in ("backend", "ui")}
-    wheel = None
+    wheel, built = None, {}
     try:
         t0 = time.monotonic()
         wheel = feed_local_torch_wheel(base)
         build = sh(*compose, "build", "--parallel", env=env, timeout=1500, check=False)
         timings["build"] = time.monotonic() - t0
         assert build.returncode == 0, f"build failed:\n{build.stdout[-4000:]}\n{build.stderr[-4000:]}"
-        for svc, old in old_images.items():  # keep one version as the cache, not a pile
-            if old and old != image_id(f"wikigpt/{svc}:{TAG}"):
-                sh(DOCKER, "rmi", old, check=False)
+        built = {svc: image_id(f"wikigpt/{svc}:{TAG}") for svc in old_images}
 
         t0 = time.monotonic()
         # v1 `up` waits for the backend's healthcheck before it starts the ui (depends_on).
@@ -171,8 +171,15 @@ def stack(tmp_path_factory):
         down = sh(*compose, "down", "--volumes", "--remove-orphans", "--timeout", "20", env=env,
                   timeout=300, check=False)
         timings["down"] = time.monotonic() - t0
+        # Keep one version as the next run's build cache, not a pile: drop the version this
+        # build replaced, and ours if another run of this test retagged in the meantime.
+        current = {svc: image_id(f"wikigpt/{svc}:{TAG}") for svc in old_images}
+        stale = [old for svc, old in old_images.items() if old and old != current[svc]]
+        stale += [mine for svc, mine in built.items() if mine and mine != current[svc]]
         if os.environ.get("WIKIGPT_DOCKER_KEEP_IMAGES", "1") == "0":
-            sh(DOCKER, "rmi", f"wikigpt/backend:{TAG}", f"wikigpt/ui:{TAG}", check=False)
+            stale += [x for x in current.values() if x]
+        if stale:  # removing a GB of layers can take a minute on a busy disk
+            sh(DOCKER, "rmi", *sorted(set(stale)), check=False, timeout=600)
         if wheel is not None:
             wheel.unlink(missing_ok=True)
         shutil.rmtree(model_dir, ignore_errors=True)
