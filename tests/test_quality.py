@@ -29,18 +29,18 @@ def test_batched_greedy_equals_one_prompt_at_a_time(tiny_lm):
 
 def test_decoding_check_rows_and_reproducibility(tiny_lm):
     prompts = ["Data Science is", "Wikipedia is"]
-    stats, samples = decoding_check(tiny_lm, prompts, seeds=[0, 1], max_new_tokens=16, n=4)
-    assert [s.samples for s in stats] == [2, 2, 4]  # greedy runs once, sampling once per seed
+    stats, samples = decoding_check(tiny_lm, prompts, samples=2, seed=0, max_new_tokens=16, n=4)
+    assert [s.samples for s in stats] == [2, 2, 4]  # greedy runs once, sampling `samples` times
     assert stats[0].decoding.startswith("greedy") and stats[2].decoding.startswith("default")
     for s in stats:
         assert 0 <= s.rep_n <= 1 and 0 <= s.newline_token_share <= 1 and 0 < s.mean_tokens <= 16
-    again, samples2 = decoding_check(tiny_lm, prompts, seeds=[0, 1], max_new_tokens=16, n=4)
+    again, samples2 = decoding_check(tiny_lm, prompts, samples=2, seed=0, max_new_tokens=16, n=4)
     assert samples2 == samples  # seeded sampling and greedy are both reproducible
 
 
 def test_cli_decoding_check_json(tiny_model_dir, capsys):
     rc = cli.main(["decoding-check", "--model", str(tiny_model_dir), "--prompt", "Data Science is",
-                   "--seeds", "3", "--max-new-tokens", "8", "--json"])
+                   "--samples", "1", "--seed", "3", "--max-new-tokens", "8", "--json"])
     assert rc == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["samples"] for r in rows] == [1, 1, 1] and all("rep_n" in r for r in rows)

@@ -205,13 +205,12 @@ def samples_section(lm, prompts: list[str], seed: int, max_new_tokens: int) -> s
 def decoding_section(lm, prompts: list[str], seed: int, max_new_tokens: int) -> str:
     from .quality import decoding_check, format_table
 
-    seeds = [seed, seed + 1, seed + 2]
-    stats, _ = decoding_check(lm, prompts, seeds, max_new_tokens=max_new_tokens, n=4)
+    stats, _ = decoding_check(lm, prompts, samples=3, seed=seed, max_new_tokens=max_new_tokens, n=4)
     return (f"Raw continuations (before blank-line collapsing) of the {len(prompts)} prompts, "
             f"{max_new_tokens} new tokens, "
-            f"seeds {', '.join(map(str, seeds))} for sampling. rep-4: share of repeated 4-token phrases; "
+            f"3 samples per prompt (seed {seed}) for sampling. rep-4: share of repeated 4-token phrases; "
             "blank-line runs: places with 2+ blank lines in a row. Reproduce: "
-            f"`wikigpt decoding-check --model {lm.name} --max-new-tokens {max_new_tokens}`.\n\n"
+            f"`wikigpt decoding-check --model {lm.name} --max-new-tokens {max_new_tokens} --seed {seed}`.\n\n"
             + format_table(stats) + "\n")
 
 

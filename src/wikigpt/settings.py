@@ -329,13 +329,15 @@ class EvalSettings(ModelSettings):
 
 
 class DecodingCheckSettings(ModelSettings):
-    """Compare greedy and default decoding over fixed prompts and seeds: repeated n-grams and
+    """Compare greedy and default decoding over fixed prompts: repeated n-grams and
     runs of blank lines in the raw continuations (the original's greedy output degenerated)."""
 
     prompt: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), min_length=1, max_length=64)
     """Prompt to continue; repeat --prompt for several. Default: eight fixed Wikipedia-style openings."""
-    seeds: Annotated[list[int], NoDecode] = Field(default_factory=lambda: [0, 1, 2], min_length=1, max_length=32)
-    """Seeds for the sampled decodings; greedy is deterministic and runs once."""
+    samples: int = Field(3, ge=1, le=64)
+    """Sampled continuations per prompt with the default decoding (greedy is deterministic: one)."""
+    seed: int = Field(0, ge=0)
+    """Seed of the sampled continuations: the same seed and settings give the same table."""
     max_new_tokens: int = Field(128, ge=8, le=1024)
     """Tokens generated per prompt (long enough for loops and newline runs to show)."""
     ngram: int = Field(4, ge=1, le=16)
@@ -344,7 +346,6 @@ class DecodingCheckSettings(ModelSettings):
     json_output: bool = Field(False, json_schema_extra={"cli_flag": "--json"})
     """Print the results as JSON on stdout instead of a table."""
 
-    _split_seeds = field_validator("seeds", mode="before")(_comma_list)
 
 
 class ReportSettings(ModelSettings):
