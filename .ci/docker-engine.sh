@@ -70,7 +70,8 @@ stop_engine() {
   local pidfile="$WORK/dockerd.pid" pid
   [ -f "$pidfile" ] || return 0
   pid=$(cat "$pidfile")
-  if kill -0 "$pid" 2>/dev/null; then
+  # only the dockerd we started (a stale pid file may name a reused pid by now)
+  if [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = dockerd ]; then
     kill "$pid"   # dockerd stops its containers and its own containerd
     for _ in $(seq 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
   fi
