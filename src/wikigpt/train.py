@@ -297,7 +297,7 @@ def train(s: TrainSettings, should_stop: Callable[[int], bool] | None = None) ->
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
 
-    step, samples_seen, history, evals, elapsed_before = 0, 0, [], [], 0.0
+    step, samples_seen, tokens_seen, history, evals, elapsed_before = 0, 0, 0, [], [], 0.0
     if resume_from is not None:
         from .modeling import load_tensors
 
@@ -305,6 +305,7 @@ def train(s: TrainSettings, should_stop: Callable[[int], bool] | None = None) ->
         optimizer.load_state_dict(optimizer_from_safetensors(load_tensors(resume_from / OPTIMIZER_FILE), st["optimizer"]))
         scheduler.load_state_dict(st["scheduler"])
         step, samples_seen, history, evals = st["step"], st["samples_seen"], st["losses"], st["evals"]
+        tokens_seen = st["tokens_seen"]  # counted, not step x tokens_per_step: that may change on resume
         elapsed_before = st["train_seconds"]
 
     sampler = BlockSampler(n_blocks, s.seed)
@@ -319,7 +320,7 @@ def train(s: TrainSettings, should_stop: Callable[[int], bool] | None = None) ->
     def state(reason: str) -> dict:
         return {"step": step, "max_steps": max_steps, "samples_seen": samples_seen, "losses": history,
                 "evals": evals, "train_seconds": train_seconds, "stopped": reason,
-                "tokens_seen": step * tokens_per_step, "settings": s.model_dump(mode="json")}
+                "tokens_seen": tokens_seen, "settings": s.model_dump(mode="json")}
 
     def checkpoint(reason: str) -> None:
         accelerator.wait_for_everyone()
@@ -371,6 +372,7 @@ def train(s: TrainSettings, should_stop: Callable[[int], bool] | None = None) ->
             optimizer.zero_grad(set_to_none=True)
             step += 1
             samples_seen += accum * world * s.batch_size
+            tokens_seen += tokens_per_step
             step_loss = float(accelerator.reduce(torch.tensor(loss_sum / accum, device=accelerator.device), "mean"))
             dt = time.perf_counter() - t0
             train_seconds += dt
@@ -412,7 +414,6 @@ def train(s: TrainSettings, should_stop: Callable[[int], bool] | None = None) ->
         return {"stopped": reason, "step": step}
 
     final_eval = run_eval(None)
-    tokens_seen = step * tokens_per_step
     report = {
         "stopped": reason, "steps": step, "max_steps": max_steps, "tokens_seen": tokens_seen,
         "train_seconds": round(train_seconds, 2), "wall_seconds_this_run": round(time.perf_counter() - run_start, 2),
@@ -426,7 +427,7 @@ def train(s: TrainSettings, should_stop: Callable[[int], bool] | None = None) ->
         "evals": evals, "validation": final_eval,
         "data": {"source": source.name, "train_tokens": len(train_tokens),
                  "validation_tokens": len(val_tokens) if val_tokens is not None else 0,
-                 "epochs": round(samples_seen * s.block_size / len(train_tokens), 3)},
+                 "epochs": round(tokens_seen / len(train_tokens), 3)},
         "settings": s.model_dump(mode="json"),
     }
     if main:
