@@ -168,6 +168,13 @@ def stack(tmp_path_factory):
         yield info
     finally:
         t0 = time.monotonic()
+        # stop first to see how they stop: SIGTERM honoured, well inside the 20 s before SIGKILL
+        sh(*compose, "stop", "--timeout", "20", env=env, timeout=120, check=False)
+        timings["stop"] = time.monotonic() - t0
+        exits = {svc: sh(DOCKER, "ps", "-a", "--format", "{{.Status}}", "--filter",
+                         f"label=com.docker.compose.project={project}", "--filter",
+                         f"label=com.docker.compose.service={svc}", check=False).stdout.strip()
+                 for svc in ("backend", "ui")}
         down = sh(*compose, "down", "--volumes", "--remove-orphans", "--timeout", "20", env=env,
                   timeout=300, check=False)
         timings["down"] = time.monotonic() - t0
@@ -186,6 +193,10 @@ def stack(tmp_path_factory):
         print(f"\ncompose test timings (s): {json.dumps({k: round(v, 1) for k, v in timings.items()})}")
         assert down.returncode == 0, down.stderr[-3000:]
         assert project_leftovers(project) == []
+        if "healthy" in timings:  # the stack came up: it must also have stopped cleanly
+            # 143 = 128 + SIGTERM: uvicorn re-raises the signal after its graceful shutdown;
+            # 137 would be the SIGKILL that follows a stop timeout
+            assert timings["stop"] < 20 and all(re.match(r"Exited \((0|143)\)", st) for st in exits.values()), exits
 
 
 def container(stack, service: str) -> dict:
@@ -230,8 +241,12 @@ def test_containers_are_healthy_non_root_restarting_and_loopback_only(stack):
         assert info["HostConfig"]["RestartPolicy"]["Name"] == "unless-stopped", service
         bindings = info["HostConfig"]["PortBindings"][f"{port}/tcp"]
         assert [b["HostIp"] for b in bindings] == ["127.0.0.1"], (service, bindings)
-    mounts = {m["Destination"]: m for m in container(stack, "backend")["Mounts"]}
+    backend = container(stack, "backend")
+    mounts = {m["Destination"]: m for m in backend["Mounts"]}
     assert mounts["/models"]["RW"] is False and mounts["/cache/huggingface"]["Type"] == "volume"
+    # the non-root user can fill the Hub cache volume, and cannot touch the model
+    probe = "touch /cache/huggingface/.w && rm /cache/huggingface/.w && ! touch /models/x 2>/dev/null && id -u"
+    assert sh(DOCKER, "exec", backend["Id"], "sh", "-c", probe).stdout.strip() != "0"
 
 
 def test_ui_image_has_no_torch_and_reaches_the_backend_by_service_name(stack):
@@ -283,6 +298,11 @@ def test_compose_files_defaults_and_gpu_variant():
     assert ui["depends_on"] == {"backend": {"condition": "service_healthy"}}
     assert ui["environment"]["WIKIGPT_API_URL"] == "http://backend:5000"
     assert {backend["restart"], ui["restart"]} == {"unless-stopped"}
+
+    # pass-through: no value unless the caller's environment has one (then the container gets none)
+    assert backend["environment"]["WIKIGPT_API_KEY"] is None and ui["environment"]["WIKIGPT_API_KEY"] is None
+    keyed = yaml.safe_load(sh(*compose, "config", env=dict(env, WIKIGPT_API_KEY="k1")).stdout)["services"]
+    assert keyed["backend"]["environment"]["WIKIGPT_API_KEY"] == keyed["ui"]["environment"]["WIKIGPT_API_KEY"] == "k1"
 
     gpu = yaml.safe_load(sh(*compose, "-f", "docker-compose.yml", "-f", "docker-compose.gpu.yml", "config",
                             env=env).stdout)["services"]["backend"]
