@@ -33,6 +33,7 @@ class LiveServer:
         from wikigpt.api import create_app
         from wikigpt.engine import Engine
 
+        settings.setdefault("bf16_from_batch", 0)  # no bf16 speed probe: the tiny model gains nothing
         s = ServeSettings(model=lm.name, **settings)
         self.engine = Engine(lm, max_batch_size=s.max_batch_size, queue_size=s.queue_size,
                              bf16_from_batch=s.bf16_from_batch)
@@ -56,7 +57,7 @@ class LiveServer:
 @pytest.fixture(scope="module")
 def server(tiny_lm):
     # float32 only, so batched greedy text can be compared with `generate` exactly
-    srv = LiveServer(tiny_lm, bf16_from_batch=0, max_body_bytes=100_000)
+    srv = LiveServer(tiny_lm, max_body_bytes=100_000)
     yield srv
     srv.close()
 
@@ -261,7 +262,7 @@ def long_context_lm(tmp_path_factory):
 
 
 def test_full_queue_503_and_disconnect_frees_the_slot(long_context_lm):
-    srv = LiveServer(long_context_lm, max_batch_size=1, queue_size=1, retry_after=7, bf16_from_batch=0)
+    srv = LiveServer(long_context_lm, max_batch_size=1, queue_size=1, retry_after=7)
     long = {"prompt": "Data", "max_tokens": 4000, "ignore_eos": True, "stream": True}
     try:
         with httpx.Client(base_url=srv.url, timeout=60) as a, httpx.Client(base_url=srv.url, timeout=60) as b:

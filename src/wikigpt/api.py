@@ -200,7 +200,8 @@ def create_app(settings: ServeSettings, engine: Engine) -> FastAPI:
     lm = engine.lm
     model_info = {"id": name, "object": "model", "created": int(time.time()), "owned_by": "wikigpt",
                   "context_length": engine.context_length, "n_params": lm.n_params,
-                  "dtype": str(lm.dtype).removeprefix("torch."), "device": str(lm.device)}
+                  "dtype": str(lm.dtype).removeprefix("torch."), "device": str(lm.device),
+                  "bf16_from_batch": engine.bf16_from_batch or None}
     evaluation = _eval_summary(settings.model)  # the model's measured perplexity, shown by the UI
     metrics = Metrics(engine)
     expected_auth = f"Bearer {settings.api_key}".encode() if settings.api_key else None
@@ -330,7 +331,8 @@ def create_app(settings: ServeSettings, engine: Engine) -> FastAPI:
     async def root() -> dict:
         return {"status": "ok", "model": name, "ready": engine.ready.is_set(), "version": __version__,
                 "context_length": engine.context_length, "n_params": lm.n_params,
-                "dtype": model_info["dtype"], "device": model_info["device"],
+                "dtype": model_info["dtype"], "bf16_from_batch": model_info["bf16_from_batch"],
+                "device": model_info["device"],
                 "max_batch_size": engine.max_batch_size, "eval": evaluation,
                 "routes": ["/predict", "/v1/completions", "/v1/models", "/metrics", "/health", "/ready"]}
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from .errors import EngineError, InvalidRequestError, OverloadedError
 from .generation import ContinuationFilter
@@ -119,6 +120,41 @@ class RequestStream:
             self._engine._wake()
 
 
+class _GrowingLayer(DynamicLayer):
+    """A DynamicLayer whose keys and values live in a buffer with room for GROW more tokens.
+
+    DynamicLayer appends each token with torch.cat, copying the whole cache every step: at batch
+    32 after 128 tokens in bf16 that is 6 layers x 2 x 32 x 12 heads x 128 x 64 x 2 B = 75 MB
+    per step. Here a step writes one column in place and the copy happens once per GROW steps.
+    When the batch code replaces `keys`/`values` (rows dropped or merged, dtype cast, cropping),
+    they no longer point into the buffer and the next update starts a new one.
+    """
+
+    GROW = 64
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        k, v = self.keys, self.values
+        n, m = (k.shape[-2] if k.numel() else 0), key_states.shape[-2]
+        buf = getattr(self, "_buf", None)
+        if (buf is None or k.data_ptr() != buf[0].data_ptr() or n + m > buf[0].shape[-2]
+                or buf[0].shape[:2] != key_states.shape[:2] or buf[0].dtype != key_states.dtype):
+            shape = (*key_states.shape[:2], n + m + self.GROW, key_states.shape[-1])
+            buf = self._buf = (key_states.new_empty(shape), value_states.new_empty(shape))
+            if n:
+                buf[0][:, :, :n], buf[1][:, :, :n] = k, v
+        buf[0][:, :, n:n + m], buf[1][:, :, n:n + m] = key_states, value_states
+        self.keys, self.values = buf[0][:, :, :n + m], buf[1][:, :, :n + m]
+        return self.keys, self.values
+
+
+def _new_cache(config) -> DynamicCache:
+    cache = DynamicCache(config=config)
+    cache.layers = [_GrowingLayer() for _ in cache.layers]
+    return cache
+
+
 class _Batch:
     """Running sequences and their shared KV cache (rows left-padded to one length)."""
 
@@ -175,6 +211,23 @@ class _Batch:
         self.rows += other.rows
 
 
+def _matmul_seconds(dtype: torch.dtype, rows: int = 32, d: int = 768) -> float:
+    """Best time of a decoding-shaped matmul (rows x d @ d x 4d, an MLP at batch `rows`).
+
+    bfloat16 is only fast on CPUs with bf16 units (AMX, AVX512-BF16). On an AVX2-only CPU (an
+    AMD EPYC box we also ran on) torch emulates it: this matmul took 385 ms in bf16 against
+    33 ms in fp32, so the engine measures before it keeps a bf16 copy of the weights. The probe
+    costs ~1 ms with AMX and ~1 s where bf16 is emulated.
+    """
+    a, b = torch.randn(rows, d, dtype=dtype), torch.randn(d, 4 * d, dtype=dtype)
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
 class Engine:
     """Continuous-batching generation on one model, driven by one worker thread.
 
@@ -189,7 +242,7 @@ class Engine:
     """
 
     def __init__(self, lm: LoadedModel, *, max_batch_size: int = 32, queue_size: int = 256,
-                 bf16_from_batch: int = 0, on_step=None) -> None:
+                 bf16_from_batch: int = 0, check_bf16_speed: bool = True, on_step=None) -> None:
         self.lm = lm
         self.tokenizer = lm.tokenizer  # used by the worker thread only (decoding)
         # The Rust decoder directly: transformers' decode wrapper costs ~3x more per call, and
@@ -206,8 +259,14 @@ class Engine:
         self.models = {lm.dtype: lm.model}
         self.bf16_from_batch = 0
         if bf16_from_batch > 0 and lm.device.type == "cpu" and lm.dtype == torch.float32:
-            self.models[torch.bfloat16] = copy.deepcopy(lm.model).to(torch.bfloat16).eval()
-            self.bf16_from_batch = bf16_from_batch
+            fp32 = bf16 = 0.0
+            if check_bf16_speed:
+                fp32, bf16 = _matmul_seconds(torch.float32), _matmul_seconds(torch.bfloat16)
+                log.info("matmul probe at batch 32: float32 %.2f ms, bfloat16 %.2f ms: %s", fp32 * 1e3,
+                         bf16 * 1e3, "bf16 for big batches" if bf16 < 0.8 * fp32 else "float32 only")
+            if bf16 <= 0.8 * fp32:  # only where the CPU has bf16 units (AMX, AVX512-BF16)
+                self.models[torch.bfloat16] = copy.deepcopy(lm.model).to(torch.bfloat16).eval()
+                self.bf16_from_batch = bf16_from_batch
         self.max_batch_size, self.queue_size = max_batch_size, queue_size
         self.context_length = lm.context_length
         self.vocab_size = int(lm.model.config.vocab_size)
@@ -405,7 +464,7 @@ class Engine:
         ids, mask = ids.to(dev), mask.to(dev)
         pos = (mask.cumsum(1) - 1).clamp(min=0)
         model = self.models[dtype]
-        cache = DynamicCache(config=model.config)
+        cache = _new_cache(model.config)
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
                     logits_to_keep=1)
         first = ids.gather(1, (width - mask.sum(1, keepdim=True)))
