@@ -49,7 +49,7 @@ def sh(*args: str, timeout: float = 60, check: bool = True, env: dict | None = N
 
 def engine_problem() -> str | None:
     try:
-        info = subprocess.run([DOCKER, "info", "--format", "{{.ServerVersion}}"], capture_output=True,
+        info = subprocess.run([DOCKER, "version", "--format", "{{.Server.Version}}"], capture_output=True,
                               text=True, timeout=20)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"no Docker engine: `{DOCKER} info` failed ({exc})"
@@ -117,7 +117,7 @@ def project_leftovers(project: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+def stack():
     problem = engine_problem()
     if problem:
         pytest.skip(problem)
@@ -140,9 +140,10 @@ def stack(tmp_path_factory):
     env = dict(
         os.environ, COMPOSE_PROJECT_NAME=project, IMAGE_TAG=TAG, BASE_IMAGE=base, BIND_ADDR="127.0.0.1",
         BACKEND_PORT=str(ports["backend"]), UI_PORT=str(ports["ui"]), MODEL_DIR=str(model_dir), MODEL="/models",
-        # Compose v1 builds through docker-py (classic builder): no buildx needed.
-        COMPOSE_DOCKER_CLI_BUILD="0", DOCKER_BUILDKIT="0",
     )
+    v1 = compose == ["docker-compose"]
+    if v1:  # build through docker-py with the classic builder: no buildx needed
+        env.update(COMPOSE_DOCKER_CLI_BUILD="0", DOCKER_BUILDKIT="0")
     for name in ("WIKIGPT_API_KEY", "HF_TOKEN"):  # passed through by the compose file when set
         env.pop(name, None)
     old_images = {svc: image_id(f"wikigpt/{svc}:{TAG}") for svc in ("backend", "ui")}
@@ -150,7 +151,8 @@ def stack(tmp_path_factory):
     try:
         t0 = time.monotonic()
         wheel = feed_local_torch_wheel(base)
-        build = sh(*compose, "build", "--parallel", env=env, timeout=1500, check=False)
+        # v2 builds services in parallel by itself; v1 needs to be asked
+        build = sh(*compose, "build", *(["--parallel"] if v1 else []), env=env, timeout=1500, check=False)
         timings["build"] = time.monotonic() - t0
         assert build.returncode == 0, f"build failed:\n{build.stdout[-4000:]}\n{build.stderr[-4000:]}"
         built = {svc: image_id(f"wikigpt/{svc}:{TAG}") for svc in old_images}
