@@ -71,6 +71,9 @@ def baseline_server(model_dir: str, port: int, max_tokens: int) -> None:
             self._send(200, {"predictions": tok.decode(out[0], skip_special_tokens=True),
                              "completion_tokens": int(out.shape[1] - enc.input_ids.shape[1])})
 
+    # Backlog 128 as in Werkzeug's (Flask's) server; socketserver's default of 5 would reset
+    # connections at concurrency 32 instead of letting them wait their turn.
+    HTTPServer.request_queue_size = 128
     HTTPServer(("127.0.0.1", port), Handler).serve_forever()
 
 

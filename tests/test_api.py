@@ -193,6 +193,7 @@ BAD = [
     ("POST", "/v1/completions", {"prompt": "a", "logprobs": 2}, 400, "logprobs: not supported"),
     ("POST", "/v1/completions", {"prompt": [99999]}, 400, "token ids must be in"),
     ("POST", "/v1/completions", {"prompt": "a", "max_tokens": 300}, 400, "max_tokens is 300"),
+    ("POST", "/v1/completions", {"prompt": ["a"] * 20, "n": 2}, 400, "asks for 40 completions"),
     ("GET", "/predict", None, 405, "method GET is not allowed on /predict"),
     ("DELETE", "/v1/completions", None, 405, "not allowed"),
     ("GET", "/v2/nothing", None, 404, "no route GET /v2/nothing"),

@@ -390,6 +390,9 @@ def create_app(settings: ServeSettings, engine: Engine) -> FastAPI:
             raise InvalidRequestError("best_of is not supported (leave it out or set it equal to n)", param="best_of")
         prompts = _prompt_list(req.prompt)
         jobs = [(p, req.sampling(i * req.n + j)) for i, p in enumerate(prompts) for j in range(req.n)]
+        if len(jobs) > engine.max_batch_size:
+            raise InvalidRequestError(f"the request asks for {len(jobs)} completions (prompts x n); this "
+                                      f"server generates at most {engine.max_batch_size} per request", param="n")
         streams = submit_all(jobs, req.ignore_eos, "max_tokens")
         echoes = [(p if isinstance(p, str) else engine.tokenizer.decode(p)) if req.echo else "" for p in prompts]
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
