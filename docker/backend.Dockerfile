@@ -22,7 +22,6 @@ ENV PATH=/opt/venv/bin:$PATH PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 
 RUN useradd --create-home --uid 1000 --shell /usr/sbin/nologin wikigpt \
  && mkdir -p /cache/huggingface /models && chown wikigpt:wikigpt /cache/huggingface \
  && python3 -m venv /opt/venv && pip install -q "setuptools>=68" wheel
-# It installs the `serve` extra: what `wikigpt serve` needs, not the training stack.
 # Layers from the slowest-changing down: torch, the dependencies named in pyproject.toml, then
 # our source, so editing src/ rebuilds in seconds. torch comes alone, without dependencies, from
 # its index (which serves the CPU or a CUDA build); its dependencies and everything else then come
@@ -34,6 +33,7 @@ RUN if ls /tmp/wheels/torch-*.whl >/dev/null 2>&1; then \
       pip install -q --no-deps --index-url "$TORCH_INDEX" "$TORCH"; \
     fi
 COPY pyproject.toml /tmp/pyproject.toml
+# the `serve` extra: what `wikigpt serve` needs, not the training stack
 RUN python3 -c 'import tomllib; p = tomllib.load(open("/tmp/pyproject.toml", "rb"))["project"]; \
 print("\n".join(p["dependencies"] + p["optional-dependencies"]["serve"]))' >/tmp/requirements.txt \
  && pip install -q -r /tmp/requirements.txt "$TORCH" \
