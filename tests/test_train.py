@@ -89,7 +89,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tiny_model_dir, wiki_file
     kw = dict(max_steps=6, save_interval=0, eval_interval=0, tokens_per_step=1024)  # 4 passes per step
     full = train(settings(tiny_model_dir, wiki_file, tmp_path / "a", **kw))
     part = train(settings(tiny_model_dir, wiki_file, tmp_path / "b", **kw), should_stop=lambda step: step == 3)
-    assert part == {"stopped": "interrupted", "step": 3}
+    assert part == {"stopped": "interrupted", "step": 3}  # no "signal": stopped by the callback
     ckpts = list_checkpoints(tmp_path / "b" / "run")
     assert [p.name for p in ckpts] == ["step-0000003"] and not (tmp_path / "b" / "run" / "final").exists()
     assert (ckpts[0] / "optimizer.safetensors").is_file()

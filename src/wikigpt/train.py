@@ -411,7 +411,7 @@ def train(s: TrainSettings, should_stop: Callable[[int], bool] | None = None) ->
     if reason == "interrupted":
         if main:
             print(f"wikigpt train: stopped at step {step}/{max_steps}; continue with --resume", file=sys.stderr)
-        return {"stopped": reason, "step": step}
+        return {"stopped": reason, "step": step, **({"signal": stop.signal} if stop.signal else {})}
 
     final_eval = run_eval(None)
     report = {
@@ -444,7 +444,9 @@ def train(s: TrainSettings, should_stop: Callable[[int], bool] | None = None) ->
 
 def run(s: TrainSettings) -> int:
     report = train(s)
-    return 130 if report.get("stopped") == "interrupted" else 0
+    if report.get("stopped") == "interrupted":
+        return 128 + report.get("signal", signal.SIGINT)  # the shell's convention: 130 SIGINT, 143 SIGTERM
+    return 0
 
 
 def run_prepare(s: PrepareSettings) -> int:
