@@ -132,23 +132,22 @@ def test_full_queue_and_too_long_prompt_are_refused(tiny_lm):
 
 
 def test_bf16_for_big_batches_fp32_for_small(tiny_lm):
-    """With bf16_from_batch=3 a batch of 4 decodes in bf16 and, once rows leave, in fp32 again
-    (the speed probe is skipped: it keeps fp32 only on CPUs that emulate bf16)."""
-    eng = Engine(tiny_lm, max_batch_size=8, bf16_from_batch=3, check_bf16_speed=False)
+    """With bf16_from_batch=4 a batch of 4 decodes in bf16 and, once it is down to one row
+    (below half of 4), in fp32 again (the speed probe is skipped: it keeps fp32 only on CPUs
+    that emulate bf16)."""
+    eng = Engine(tiny_lm, max_batch_size=8, bf16_from_batch=4, check_bf16_speed=False)
     seen = []
     eng.on_step = lambda rows, prefill, seconds: seen.append((rows, eng._batch.dtype if eng._batch else None))
-    eng.start()
     try:
         async def main():
-            return await asyncio.gather(*[
-                eng.submit(q, GREEDY.model_copy(update={"max_new_tokens": n})).text()
-                for q, n in zip(PROMPTS, (4, 4, 20, 20))
-            ])
+            streams = [eng.submit(q, GREEDY.model_copy(update={"max_new_tokens": n}))
+                       for q, n in zip(PROMPTS, (4, 4, 4, 20))]
+            eng.start()  # after queueing all four, so they are admitted together
+            return await asyncio.gather(*[s.text() for s in streams])
 
         texts = run(main())
     finally:
         eng.stop()
     assert all(texts) and set(eng.models) == {torch.float32, torch.bfloat16}
-    dtypes = {d for rows, d in seen if rows >= 3} | {None}
-    assert torch.bfloat16 in dtypes
-    assert any(d == torch.float32 for rows, d in seen if rows < 3)
+    assert any(d == torch.bfloat16 for rows, d in seen if rows == 4)
+    assert any(d == torch.float32 for rows, d in seen if rows == 1)

@@ -231,14 +231,17 @@ def _matmul_seconds(dtype: torch.dtype, rows: int = 32, d: int = 768) -> float:
 class Engine:
     """Continuous-batching generation on one model, driven by one worker thread.
 
-    dtype per batch size (CPU, `bf16_from_batch` > 0): a bfloat16 copy of the weights serves
+    dtype per batch size (CPU, `bf16_from_batch` > 0, and only where the start-up probe finds
+    bf16 matmuls faster, see _matmul_seconds): a bfloat16 copy of the weights serves
     batches of at least that many rows and the float32 weights serve smaller ones, the KV cache
     being cast when the batch crosses the line. Measured on the 2-core Xeon (AMX), DistilGPT2
     shape: decoding one sequence is bound by reading the weights (330 MB/token in fp32 at
     ~27 GB/s) and fp32 is faster (~60 vs ~55 tok/s: bf16 saves bytes but pays conversions);
     from batch 8 up the matmuls dominate and AMX bf16 is ~2x faster (batch 32: ~970 vs ~520
-    tok/s). Casting the cache costs one copy of it (batch 8 x 128 tokens: 6 layers x 2 x
-    8 x 128 x 768 x 4 B = 38 MB, ~2 ms), far less than one decoding step (~25 ms).
+    tok/s). (Those figures are the project's measurements with `generate` on a quiet 2-core
+    Xeon.) Casting the cache costs one copy of it: batch 8 x 128 tokens is 6 layers x 2 x 8 x
+    128 x 768 x 4 B = 38 MB, a few ms at memory speed (34 ms measured on a busy AVX2-only box,
+    where bf16 is never chosen), paid once per crossing thanks to the hysteresis in _dtype_for.
     """
 
     def __init__(self, lm: LoadedModel, *, max_batch_size: int = 32, queue_size: int = 256,
@@ -406,8 +409,11 @@ class Engine:
                 budget -= n
             return new
 
-    def _dtype_for(self, batch_size: int) -> torch.dtype:
-        if self.bf16_from_batch and batch_size >= self.bf16_from_batch:
+    def _dtype_for(self, batch_size: int, current: torch.dtype | None) -> torch.dtype:
+        """bf16 from `bf16_from_batch` rows up; back to fp32 only below half of that, so a batch
+        hovering around the line does not pay for a cache cast at every step."""
+        n = self.bf16_from_batch
+        if n and (batch_size >= n or (current == torch.bfloat16 and batch_size >= max(1, n // 2))):
             return torch.bfloat16
         return self.lm.dtype
 
@@ -422,7 +428,7 @@ class Engine:
                 b = self._batch = None
         if b is None and not new:
             return
-        dtype = self._dtype_for((len(b.rows) if b else 0) + len(new))
+        dtype = self._dtype_for((len(b.rows) if b else 0) + len(new), b.dtype if b else None)
         logits = []
         if b is not None:
             b.cast(dtype)
