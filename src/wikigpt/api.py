@@ -250,7 +250,9 @@ def create_app(settings: ServeSettings, engine: Engine) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
-        return await _typed(request, _invalid(ValidationError.from_exception_data("request", exc.errors())))
+        parts = [f"{'.'.join(str(p) for p in e.get('loc', ()) if p not in ('body', 'query', 'path'))}: "
+                 f"{e.get('msg', 'invalid')}" for e in exc.errors()]
+        return await _typed(request, InvalidRequestError("invalid request: " + "; ".join(parts[:5])))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
@@ -282,7 +284,8 @@ def create_app(settings: ServeSettings, engine: Engine) -> FastAPI:
         except ValueError as exc:
             raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from None
         if not isinstance(data, dict):
-            raise InvalidRequestError(f"the request body must be a JSON object, not a JSON {type(data).__name__}")
+            kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(data), "a number")
+            raise InvalidRequestError(f"the request body must be a JSON object, not {kind}")
         try:
             return schema.model_validate(data)
         except ValidationError as exc:
