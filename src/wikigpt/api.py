@@ -324,9 +324,9 @@ def create_app(settings: ServeSettings, engine: Engine) -> FastAPI:
                 if await request.is_disconnected():
                     return None
         finally:
-            if not task.done():
-                task.cancel()
-                for s in streams:
+            task.cancel()
+            for s in streams:
+                if s.finish_reason is None:  # disconnected, or a sibling failed: free their slots
                     s.cancel()
 
     # ---- health (no authentication) -----------------------------------------------------
