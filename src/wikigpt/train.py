@@ -295,7 +295,10 @@ def train(s: TrainSettings, should_stop: Callable[[int], bool] | None = None) ->
     scheduler = get_scheduler("cosine_with_min_lr", optimizer, num_warmup_steps=warmup, num_training_steps=max_steps,
                               scheduler_specific_kwargs={"min_lr_rate": s.min_lr_ratio})
     model, optimizer = accelerator.prepare(model, optimizer)
-    raw_model = accelerator.unwrap_model(model)
+    raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)  # what gets saved
+    # Evaluation runs on the model without its DDP wrapper: DDP's forward may broadcast buffers,
+    # a collective that would hang when ranks evaluate different numbers of batches.
+    eval_model = accelerator.unwrap_model(model)
 
     step, samples_seen, tokens_seen, history, evals, elapsed_before = 0, 0, 0, [], [], 0.0
     if resume_from is not None:
@@ -332,7 +335,7 @@ def train(s: TrainSettings, should_stop: Callable[[int], bool] | None = None) ->
     def run_eval(limit: int | None) -> dict | None:
         if val_tokens is None:
             return None
-        loss = evaluate_loss(model, val_tokens, s.block_size, s.batch_size, accelerator, limit)
+        loss = evaluate_loss(eval_model, val_tokens, s.block_size, s.batch_size, accelerator, limit)
         rec = {"step": step, "val_loss": round(loss, 5), "val_ppl": round(math.exp(min(loss, 50)), 3),
                "val_tokens": min(len(val_tokens) - 1, limit or len(val_tokens))}
         if main:
