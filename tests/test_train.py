@@ -111,7 +111,8 @@ def _cli_env() -> dict:
     return env
 
 
-def test_sigint_saves_a_loadable_checkpoint_and_exits_cleanly(tiny_model_dir, wiki_file, tmp_path):
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_saves_a_loadable_checkpoint_and_exits_cleanly(sig, code, tiny_model_dir, wiki_file, tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "wikigpt.cli", "train", "--preset", "smoke", "--model", str(tiny_model_dir),
            "--train-file", str(wiki_file), "--cache-dir", str(tmp_path / "cache"), "--output-dir", str(run),
@@ -122,9 +123,9 @@ def test_sigint_saves_a_loadable_checkpoint_and_exits_cleanly(tiny_model_dir, wi
         if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
             break
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    assert proc.returncode == code, err
     assert "Traceback" not in err and "continue with --resume" in err
     from wikigpt.modeling import load_model
     from wikigpt.settings import ModelSettings
