@@ -56,17 +56,40 @@ def read_training_report(run_dir: Path, model_dir: Path) -> dict | None:
 
 
 def loss_curves(run_dir: Path, report: dict) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
-    """(tokens seen, loss) points: training loss per step, validation loss per evaluation."""
-    per_step = report.get("tokens_per_step") or 0
-    train: dict[int, float] = {}
+    """(tokens seen, loss) points: training loss per step, validation loss per evaluation.
+
+    Tokens seen per step come from RUN_DIR/metrics.jsonl: a logged `tokens_seen` if present,
+    else tokens_per_s x the step's seconds (train.py logs both; a run resumed with another
+    --tokens-per-step changes it midway, so step x tokens_per_step would be wrong). Without
+    metrics, the report's subsampled losses are placed at step x tokens_seen / steps.
+    """
+    records: dict[int, dict] = {}
     metrics = run_dir / "metrics.jsonl"
     if metrics.is_file():
         for line in metrics.read_text().splitlines():
             try:
                 rec = json.loads(line)
-                train[int(rec["step"])] = float(rec["loss"])  # a resumed run rewrites steps: the last wins
+                records[int(rec["step"])] = rec | {"loss": float(rec["loss"])}  # a resumed run rewrites steps: the last wins
             except (ValueError, KeyError, TypeError):
                 continue  # a line cut short by a crash
+    x: dict[int, float] = {}
+    train: dict[int, float] = {}
+    if records:
+        # A step trains whole blocks: snapping to a multiple of block_size undoes the rounding
+        # of the logged tokens_per_s and time (4,095.7 -> 4,096).
+        block = (report.get("settings") or {}).get("block_size") or 1
+        seen, prev_time = 0.0, 0.0
+        for step in sorted(records):
+            rec = records[step]
+            if "tokens_seen" in rec:
+                seen = float(rec["tokens_seen"])
+            elif "tokens_per_s" in rec and "time" in rec:
+                seen += round(float(rec["tokens_per_s"]) * (float(rec["time"]) - prev_time) / block) * block
+                prev_time = float(rec["time"])
+            else:
+                seen = step * (report.get("tokens_per_step") or 0)
+            x[step], train[step] = round(seen), rec["loss"]
+    per_step = (report.get("tokens_seen") or 0) / max(1, report.get("steps") or 1) or report.get("tokens_per_step") or 0
     if not train and report.get("losses"):
         losses, steps = report["losses"], report.get("steps") or len(report["losses"])
         every = 1 if len(losses) >= steps else math.ceil(steps / 500)  # train.py keeps <= 500 points
@@ -75,7 +98,8 @@ def loss_curves(run_dir: Path, report: dict) -> tuple[list[tuple[int, float]], l
     if report.get("validation"):
         evals.append(report["validation"])
     val = {int(e["step"]): float(e["val_loss"]) for e in evals}
-    return ([(s * per_step, v) for s, v in sorted(train.items())], [(s * per_step, v) for s, v in sorted(val.items())])
+    at = lambda step: x.get(step, round(step * per_step))  # noqa: E731
+    return [(at(s), v) for s, v in sorted(train.items())], [(at(s), v) for s, v in sorted(val.items())]
 
 
 def plot_losses(train, val, title: str, path: Path) -> Path:
