@@ -295,7 +295,7 @@ class EvalSettings(ModelSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weight dtype; 'auto' is bfloat16 on GPUs and, on CPUs, bfloat16 only where a quick matmul
     probe finds it clearly faster than float32 (an AMX Xeon evaluates ~3x faster in bf16; an
-    AVX2-only EPYC, which emulates bf16, measured 14x slower), else float32."""
+    AVX2-only EPYC, which emulates bf16, measured 40x slower), else float32."""
     data: str | None = "wikitext-2-raw-v1"
     """Text source: a WikiText config on the Hub (wikitext-2-raw-v1's validation and test splits
     are WikiText-103's, the same articles, in a download of a few MB instead of hundreds;
