@@ -38,8 +38,11 @@ class SamplingParams(BaseModel):
     top_k: int = Field(50, ge=0, le=100_000)
     """Keep only the k most likely tokens (0 disables the cut)."""
     repetition_penalty: float = Field(1.1, ge=1.0, le=2.0)
-    """Divide the logits of tokens already present by this (1.0 disables it). 1.1 is mild:
-    it breaks greedy loops without stopping names and dates from being repeated."""
+    """Divide the logits of tokens already present by this (1.0 disables it). 1.1 is mild.
+    Chosen by benchmarks/decoding_defaults.py on the scratch-cpu model (8 prompts x 3 samples
+    x 128 tokens): repeated 4-grams 4.8 % at 1.0, 1.6 % at 1.1, 1.2 % at 1.2, 0.4 % at 1.3,
+    while the model's own per-token perplexity of the text rises 24.5, 29.7, 39.3, 45.0; 1.1
+    removes two thirds of the repeats for the smallest departure (greedy: 84 % repeats)."""
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     """Random seed; the same seed, prompt and settings give the same text."""
     stop: list[str] = Field(default_factory=list, max_length=16)
