@@ -1,7 +1,6 @@
 """notebooks/inference.ipynb runs top to bottom (with nbclient, as Jupyter would) on the tiny model."""
 
 import nbformat
-import pytest
 
 from .conftest import CORPUS, REPO
 

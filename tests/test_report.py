@@ -1,6 +1,5 @@
 """`wikigpt report`: a real (smoke) training run of the tiny model, evaluated next to its base."""
 
-import json
 import shutil
 
 import pytest
@@ -73,7 +72,7 @@ def test_unevaluated_model_gets_the_command_to_evaluate_it(run_dir, tmp_path):
     (copy / "final" / "eval_report.json").unlink()
     assert cli.main(["report", str(copy), *PROMPTS[:2], "--max-new-tokens", "4", "--no-decoding-check"]) == 0
     md = (copy / "report.md").read_text()
-    assert "Not evaluated yet" in md and f"wikigpt evaluate --model " in md and "--split test" in md
+    assert "Not evaluated yet" in md and "wikigpt evaluate --model " in md and "--split test" in md
 
 
 def test_report_errors_exit_2(tmp_path, capsys):

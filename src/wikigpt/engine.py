@@ -38,7 +38,7 @@ from transformers.cache_utils import DynamicLayer
 
 from .errors import EngineError, InvalidRequestError, OverloadedError
 from .generation import ContinuationFilter
-from .modeling import LoadedModel
+from .modeling import LoadedModel, cpu_bf16_speedup
 from .settings import SamplingParams
 
 log = logging.getLogger("wikigpt.engine")
@@ -211,28 +211,11 @@ class _Batch:
         self.rows += other.rows
 
 
-def _matmul_seconds(dtype: torch.dtype, rows: int = 32, d: int = 768) -> float:
-    """Best time of a decoding-shaped matmul (rows x d @ d x 4d, an MLP at batch `rows`).
-
-    bfloat16 is only fast on CPUs with bf16 units (AMX, AVX512-BF16). On an AVX2-only CPU (an
-    AMD EPYC box we also ran on) torch emulates it: this matmul took 385 ms in bf16 against
-    33 ms in fp32, so the engine measures before it keeps a bf16 copy of the weights. The probe
-    costs ~1 ms with AMX and ~1 s where bf16 is emulated.
-    """
-    a, b = torch.randn(rows, d, dtype=dtype), torch.randn(d, 4 * d, dtype=dtype)
-    best = float("inf")
-    for _ in range(3):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 class Engine:
     """Continuous-batching generation on one model, driven by one worker thread.
 
     dtype per batch size (CPU, `bf16_from_batch` > 0, and only where the start-up probe finds
-    bf16 matmuls faster, see _matmul_seconds): a bfloat16 copy of the weights serves
+    bf16 matmuls faster, see modeling.cpu_bf16_speedup): a bfloat16 copy of the weights serves
     batches of at least that many rows and the float32 weights serve smaller ones, the KV cache
     being cast when the batch crosses the line. Measured on the 2-core Xeon (AMX), DistilGPT2
     shape: decoding one sequence is bound by reading the weights (330 MB/token in fp32 at
@@ -262,12 +245,11 @@ class Engine:
         self.models = {lm.dtype: lm.model}
         self.bf16_from_batch = 0
         if bf16_from_batch > 0 and lm.device.type == "cpu" and lm.dtype == torch.float32:
-            fp32 = bf16 = 0.0
+            speedup = cpu_bf16_speedup() if check_bf16_speed else float("inf")
             if check_bf16_speed:
-                fp32, bf16 = _matmul_seconds(torch.float32), _matmul_seconds(torch.bfloat16)
-                log.info("matmul probe at batch 32: float32 %.2f ms, bfloat16 %.2f ms: %s", fp32 * 1e3,
-                         bf16 * 1e3, "bf16 for big batches" if bf16 < 0.8 * fp32 else "float32 only")
-            if bf16 <= 0.8 * fp32:  # only where the CPU has bf16 units (AMX, AVX512-BF16)
+                log.info("matmul probe: bfloat16 %.2fx the speed of float32: %s", speedup,
+                         "bf16 for big batches" if speedup >= 1.25 else "float32 only")
+            if speedup >= 1.25:  # only where the CPU has bf16 units (AMX, AVX512-BF16)
                 self.models[torch.bfloat16] = copy.deepcopy(lm.model).to(torch.bfloat16).eval()
                 self.bf16_from_batch = bf16_from_batch
         self.max_batch_size, self.queue_size = max_batch_size, queue_size

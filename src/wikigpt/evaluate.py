@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from tqdm import tqdm  # text bar on stderr (tqdm.auto wants ipywidgets in notebooks)
 
 from .errors import ConfigError
-from .modeling import LoadedModel
+from .modeling import LoadedModel, cpu_bf16_speedup
 
 if TYPE_CHECKING:
     from .settings import EvalSettings
@@ -245,32 +245,14 @@ def evaluate_ids(
 def pick_cpu_dtype() -> str:
     """'bfloat16' where this CPU multiplies in bf16 clearly faster than in fp32, else 'float32'.
 
-    Measured, because it varies 100x between CPUs and flags are not a reliable guide inside VMs:
-    on a Xeon with AMX, bf16 matmuls run at ~2,070 vs ~346 GFLOP/s fp32 and DistilGPT2's eval
-    forward at ~4,300 vs ~1,400 tok/s; on an AVX2-only AMD EPYC (no native bf16) the same bf16
-    product ran at ~0.8 vs ~40 GFLOP/s, 50x slower than fp32. The probe is one attention-sized
-    product (128 x 768 @ 768 x 768, 0.15 GFLOP) per dtype: under 1 ms with AMX, ~0.2 s without.
+    Measured once by modeling.cpu_bf16_speedup: on a Xeon with AMX DistilGPT2's eval forward
+    runs at ~4,300 vs ~1,400 tok/s; on an AVX2-only AMD EPYC (no native bf16) 50x slower.
     Accuracy is not the question: weights and activations in bf16 with the loss in fp32 moved
     perplexity by -0.006 % (the scratch-cpu model at step 50, 4,096 test tokens) and +0.002 %
     (random DistilGPT2 shape), measured with benchmarks/eval_bench.py.
     """
-    a, b = torch.randn(128, 768), torch.randn(768, 768)
-
-    def best_of(dtype: torch.dtype, n: int, limit: float = math.inf) -> float:
-        x, y = a.to(dtype), b.to(dtype)
-        best = math.inf
-        for _ in range(n):
-            t = time.perf_counter()
-            x @ y
-            best = min(best, time.perf_counter() - t)
-            if best > limit:  # hopelessly slower: stop probing
-                break
-        return best
-
-    fp32 = best_of(torch.float32, 4)
-    bf16 = best_of(torch.bfloat16, 4, limit=20 * fp32)
     # 1.5x margin: bf16 also pays for casting the logits back to fp32 for the loss.
-    return "bfloat16" if bf16 * 1.5 < fp32 else "float32"
+    return "bfloat16" if cpu_bf16_speedup() > 1.5 else "float32"
 
 
 def result_key(d: dict) -> tuple:

@@ -20,11 +20,11 @@ from .modeling import LoadedModel, generation_config_for
 from .settings import SamplingParams
 
 # Two or more blank lines (lines holding only spaces/tabs) in a row become one blank line.
-_BLANK_RUN = re.compile(r"\n[ \t\r\f\v]*(?:\n[ \t\r\f\v]*)+\n")
+BLANK_RUN = re.compile(r"\n[ \t\r\f\v]*(?:\n[ \t\r\f\v]*)+\n")
 
 
 def collapse_blank_lines(text: str) -> str:
-    return _BLANK_RUN.sub("\n\n", text)
+    return BLANK_RUN.sub("\n\n", text)
 
 
 class ContinuationFilter:

@@ -17,18 +17,16 @@ Prompts go through `generate` as one left-padded batch per decoding (sampled one
 from __future__ import annotations
 
 import json
-import re
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 from transformers import set_seed
 
+from .generation import BLANK_RUN
 from .modeling import LoadedModel, generation_config_for
 from .settings import DecodingCheckSettings, SamplingParams
 
-# 2+ blank lines in a row: a newline, then at least two lines holding only spaces/tabs.
-_BLANK_RUN = re.compile(r"\n[ \t\r\f\v]*(?:\n[ \t\r\f\v]*)+\n")
 
 
 def rep_n(ids: list[int], n: int = 4) -> float:
@@ -37,7 +35,7 @@ def rep_n(ids: list[int], n: int = 4) -> float:
 
 
 def blank_line_runs(text: str) -> int:
-    return len(_BLANK_RUN.findall(text))
+    return len(BLANK_RUN.findall(text))
 
 
 @torch.inference_mode()
