@@ -28,8 +28,8 @@ import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("WIKIGPT_SHARED", REPO.parent / "shared"))
+from common import distilgpt2_shaped, matmul_peak_flops
+
 PROMPTS = [
     "Data Science is", "The history of the Roman Empire", "Wikipedia is a free online encyclopedia",
     "The city of Paris", "In mathematics, a prime number", "The first World War began",
@@ -124,38 +124,6 @@ async def drive(url: str, kind: str, concurrency: int, n_requests: int, max_toke
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
-def build_model(out: Path) -> Path:
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, set_seed
-
-    from wikigpt.modeling import save_model
-
-    src = SHARED / "models" / "gpt2-tokenizer"
-    set_seed(0)
-    model = GPT2LMHeadModel(GPT2Config.from_json_file(src / "config-distilgpt2.json"))
-    return save_model(model, AutoTokenizer.from_pretrained(src), out)
-
-
-def matmul_peak(dtype_name: str, seconds: float = 2.0) -> float:
-    """FLOP/s of a square matmul: the best of single timed runs within `seconds`. 2048 wide
-    (≈ 17 GFLOP, 8 ms with AMX); 512 wide where the dtype is emulated (bf16 on AVX2-only CPUs
-    runs at well under 1 GFLOP/s and a 2048 matmul would take minutes)."""
-    import torch
-
-    dtype = getattr(torch, dtype_name)
-    small = torch.randn(512, 512, dtype=dtype)
-    t = time.perf_counter()
-    small @ small
-    n = 512 if time.perf_counter() - t > 0.02 else 2048
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    best, deadline = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        t = time.perf_counter()
-        a @ b
-        best = max(best, 2 * n**3 / (time.perf_counter() - t))
-    return best
-
-
 def flops_per_token(config: dict, context: float) -> float:
     """Forward FLOPs for one new token: 2 per weight multiply-add (12 d² per layer: QKV 3d²,
     projection d², MLP 8d²; plus the d x V output head) and 4 d per layer per token of context
@@ -226,10 +194,10 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     levels = [int(c) for c in args.concurrency.split(",")]
     with tempfile.TemporaryDirectory(prefix="wikigpt-bench-") as tmp:
-        model_dir = Path(args.model) if args.model else build_model(Path(tmp) / "distilgpt2-random")
+        model_dir = Path(args.model) if args.model else distilgpt2_shaped(Path(tmp) / "distilgpt2-random")
         cfg = json.loads((model_dir / "config.json").read_text())
         print("measuring matmul peaks ...", file=sys.stderr, flush=True)
-        peak_bf16, peak_fp32 = matmul_peak("bfloat16"), matmul_peak("float32")
+        peak_bf16, peak_fp32 = matmul_peak_flops("bfloat16"), matmul_peak_flops("float32")
         bport, eport = free_port(), free_port()
         burl, eurl = f"http://127.0.0.1:{bport}", f"http://127.0.0.1:{eport}"
         env = {k: v for k, v in os.environ.items() if k != "WIKIGPT_API_KEY"}
