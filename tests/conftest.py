@@ -9,6 +9,7 @@ cleanly when ../shared is absent.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,13 @@ covers the history of ancient Rome from the fall of the Roman Republic in 27 BC 
 abdication of Romulus Augustulus in AD 476 in the West. Wikipedia is a free online
 encyclopedia written and maintained by a community of volunteers.
 """
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on right now (for servers started as subprocesses)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def make_tiny_model(out_dir: Path, n_layer: int = 2, n_embd: int = 64, n_positions: int = 256) -> Path:

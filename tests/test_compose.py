@@ -18,7 +18,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from .conftest import free_port
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(1800)]
 
@@ -65,12 +66,6 @@ def compose_command() -> list[str] | None:
         return ["docker-compose"]
     probe = subprocess.run([DOCKER, "compose", "version"], capture_output=True, timeout=20)
     return [DOCKER, "compose"] if probe.returncode == 0 else None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def image_id(ref: str) -> str | None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -26,16 +25,12 @@ from wikigpt.cli import main as cli_main
 from wikigpt.cli import streamlit_command
 from wikigpt.settings import UISettings
 
+from .conftest import free_port
+
 UI_FILE = str(Path(ui.__file__))
 HEALTH = {"status": "ok", "model": "tiny-wiki", "n_params": 124_439_808, "context_length": 1024,
           "eval": {"format": 1, "latest": {"perplexity": 31.25, "data": "wikitext-103-raw", "split": "test",
                                            "n_tokens": 280_000, "complete": True}}}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class ScriptedBackend:

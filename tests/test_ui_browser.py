@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.test_ui import evaluated_model_dir, free_port  # noqa: F401 (a fixture)
+from tests.conftest import free_port
+from tests.test_ui import evaluated_model_dir  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.browser
 CHROMIUM = "/usr/bin/chromium"

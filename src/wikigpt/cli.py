@@ -12,6 +12,7 @@ into argparse and exits on its own. Heavy imports (torch) happen inside the comm
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import types
@@ -118,48 +119,23 @@ def run_serve(s: ServeSettings) -> int:
     return 0
 
 
-def run_evaluate(s: EvalSettings) -> int:
-    _quiet_transformers()
-    from .evaluate import run
+def _lazy(module: str, func: str = "run") -> Callable[[Any], int | None]:
+    """A command that imports its module (and with it torch) only when it runs."""
 
-    return run(s)
+    def run(settings: Any) -> int | None:
+        _quiet_transformers()
+        return getattr(importlib.import_module(f".{module}", __package__), func)(settings)
 
-
-def run_decoding_check(s: DecodingCheckSettings) -> int:
-    _quiet_transformers()
-    from .quality import run
-
-    return run(s)
-
-
-def run_report(s: ReportSettings) -> int:
-    _quiet_transformers()
-    from .report import run
-
-    return run(s)
-
-
-def run_prepare(s: PrepareSettings) -> int:
-    _quiet_transformers()
-    from .train import run_prepare as run
-
-    return run(s)
-
-
-def run_train(s: TrainSettings) -> int:
-    _quiet_transformers()
-    from .train import run
-
-    return run(s)
+    return run
 
 
 COMMANDS: dict[str, Command] = {
-    "prepare": Command(PrepareSettings, run_prepare, presets=True),
-    "train": Command(TrainSettings, run_train, presets=True),
+    "prepare": Command(PrepareSettings, _lazy("train", "run_prepare"), presets=True),
+    "train": Command(TrainSettings, _lazy("train"), presets=True),
     "generate": Command(GenerateSettings, run_generate, positional=("prompt",)),
-    "evaluate": Command(EvalSettings, run_evaluate),
-    "decoding-check": Command(DecodingCheckSettings, run_decoding_check),
-    "report": Command(ReportSettings, run_report, positional=("run_dir",)),
+    "evaluate": Command(EvalSettings, _lazy("evaluate")),
+    "decoding-check": Command(DecodingCheckSettings, _lazy("quality")),
+    "report": Command(ReportSettings, _lazy("report"), positional=("run_dir",)),
     "ui": Command(UISettings, run_ui),
     "serve": Command(ServeSettings, run_serve),
 }
