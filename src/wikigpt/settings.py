@@ -121,6 +121,24 @@ class ServeSettings(ModelSettings):
     """Seconds clients are told to wait (Retry-After header) when the queue is full."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Server log level. Request log lines carry method, route, status and timing, never prompt text."""
+    upstream: str | None = None
+    """Base URL of an OpenAI-compatible server (vLLM, SGLang, llama.cpp's server, another
+    `wikigpt serve`) to forward completions to, e.g. http://vllm:8000, instead of loading a
+    model here; --model then picks one of the upstream's models (default: its first)."""
+    upstream_api_key: str | None = None
+    """Bearer token sent to the upstream. Prefer the env var WIKIGPT_UPSTREAM_API_KEY."""
+    upstream_connect_timeout: float = Field(5.0, gt=0, le=600)
+    """Seconds to wait for the upstream to accept a connection; beyond it requests get 503."""
+    upstream_read_timeout: float = Field(120.0, gt=0, le=3600)
+    """Seconds to wait for the upstream's answer and for each next piece of a streamed one;
+    beyond it requests get 504 (a queued request waits at the upstream within this time)."""
+
+    @field_validator("upstream")
+    @classmethod
+    def _upstream_url(cls, value: str | None) -> str | None:
+        if value is not None and (not value.startswith(("http://", "https://")) or len(value) <= len("https://")):
+            raise ValueError("must be an http:// or https:// URL, e.g. http://127.0.0.1:8000")
+        return value.rstrip("/").removesuffix("/v1") if value else value
 
 
 class UISettings(_Settings):
