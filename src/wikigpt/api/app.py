@@ -1,0 +1,117 @@
+"""App wiring: the FastAPI app, its lifespan, the API-key guard and the one error handler chain."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import math
+import os
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import __version__
+from ..errors import (AuthenticationError, InvalidRequestError, MethodNotAllowedError, NotFoundError,
+                      OverloadedError, WikigptError)
+from ..settings import ServeSettings
+from .client import EngineClient
+from .metrics import AccessLog, Metrics
+from .protocol import error_body
+from .routes import router
+from .serving import Serving
+
+log = logging.getLogger("wikigpt.api")
+OPEN_PATHS = frozenset({"/", "/health", "/ready"})  # health checks: no API key
+
+
+def create_app(settings: ServeSettings, client: EngineClient) -> FastAPI:
+    """The FastAPI app serving `client`; starts it on startup and stops it on shutdown."""
+    metrics = Metrics(client)
+    serving = Serving(settings, client, metrics, _eval_summary(settings.model) if not settings.upstream else None)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        client.start()
+        log.info("serving %s (context %s) with batches of up to %d", serving.name, client.context_length,
+                 client.max_batch_size)
+        yield
+        await asyncio.to_thread(client.stop)
+
+    app = FastAPI(title="wikigpt", version=__version__, lifespan=lifespan,
+                  description="Text generation with a GPT-2-family model fine-tuned on WikiText.")
+    app.state.serving = serving
+    app.include_router(router)
+    if settings.api_key:
+        app.add_middleware(ApiKeyGuard, key=settings.api_key)
+    app.add_middleware(AccessLog, metrics=metrics)  # outermost: refused requests are logged too
+    _add_error_handlers(app)
+    return app
+
+
+class ApiKeyGuard:
+    """ASGI middleware: every path but OPEN_PATHS needs `Authorization: Bearer <key>`, including
+    FastAPI's own /docs, /redoc and /openapi.json and paths that match no route."""
+
+    def __init__(self, app, key: str) -> None:
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                err = AuthenticationError("missing or wrong API key: send the header 'Authorization: Bearer <key>'")
+                response = JSONResponse(error_body(err), status_code=err.http_status,
+                                        headers={"WWW-Authenticate": "Bearer"})
+                return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every failure leaves as OpenAI's error JSON with the status errors.py assigns; never a traceback."""
+
+    @app.exception_handler(WikigptError)
+    async def typed(request: Request, exc: WikigptError):
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, OverloadedError) else {}
+        return JSONResponse(error_body(exc), status_code=exc.http_status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http(request: Request, exc: StarletteHTTPException):
+        where = f"{request.method} {request.url.path}"
+        if exc.status_code == 404:
+            err: WikigptError = NotFoundError(f"no route {where}; see GET /docs for the routes")
+        elif exc.status_code == 405:
+            allowed = (exc.headers or {}).get("Allow", "")
+            err = MethodNotAllowedError(f"method {request.method} is not allowed on {request.url.path}"
+                                        + (f"; use {allowed}" if allowed else ""))
+        else:
+            err = InvalidRequestError(str(exc.detail))
+            err.http_status = exc.status_code
+        return await typed(request, err)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation(request: Request, exc: RequestValidationError):
+        parts = [f"{'.'.join(str(p) for p in e.get('loc', ()) if p not in ('body', 'query', 'path'))}: "
+                 f"{e.get('msg', 'invalid')}" for e in exc.errors()]
+        return await typed(request, InvalidRequestError("invalid request: " + "; ".join(parts[:5])))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse(error_body(WikigptError("internal server error")), status_code=500)
+
+
+def _eval_summary(model: str) -> dict | None:
+    """The latest measurement in MODEL_DIR/eval_report.json (written by `wikigpt evaluate`), if any."""
+    from ..evaluate import read_eval_report
+
+    report = read_eval_report(model) if os.path.isdir(model) else None
+    latest = report.get("latest") if isinstance(report, dict) else None
+    if not isinstance(latest, dict):
+        return None
+    keys = ("perplexity", "word_perplexity", "bits_per_byte", "data", "split", "n_tokens", "complete", "measured_at")
+    # JSON has no NaN (a text without words has no word perplexity): such values are left out.
+    return {k: latest[k] for k in keys if k in latest and not (isinstance(latest[k], float) and not math.isfinite(latest[k]))}

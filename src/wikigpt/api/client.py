@@ -1,0 +1,86 @@
+"""The one engine interface the serving layer talks to (vLLM's `EngineClient`, smaller).
+
+Two implementations: the in-process continuous-batching engine (`wikigpt.engine.Engine`, which
+matches this protocol as it is) and `upstream.UpstreamClient`, which forwards every completion
+to an OpenAI-compatible server (vLLM, SGLang, llama.cpp's server, another `wikigpt serve`).
+The serving layer never imports either: it is handed an `EngineClient`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol, runtime_checkable
+
+from ..settings import SamplingParams
+
+
+class Chunk(Protocol):
+    """A piece of one completion's text; the last one has `finish_reason` set."""
+
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class CompletionStream(Protocol):
+    """One completion in flight: an async iterator of chunks; `cancel()` frees its slot.
+
+    An implementation that can refuse a request only once it has been sent (the upstream
+    client) may also define `async opened()`, which raises that refusal; the serving layer
+    awaits it before it answers 200 to a streamed request.
+    """
+
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str | None
+    first_token_at: float | None  # time.perf_counter() of the first chunk
+
+    def __aiter__(self) -> AsyncIterator[Chunk]: ...
+
+    async def text(self) -> str: ...
+
+    def cancel(self) -> None: ...
+
+
+class ModelFacts(Protocol):
+    name: str
+    n_params: int | None
+    device: Any
+    dtype: Any
+
+
+@runtime_checkable
+class EngineClient(Protocol):
+    """What serving a model needs. `submit` is called on the event loop and raises
+    InvalidRequestError (bad prompt) or OverloadedError (queue full) at once."""
+
+    ready: threading.Event  # set once requests can be served (model warmed up, upstream answering)
+    max_batch_size: int
+    context_length: int | None
+    tokenizer: Any  # decodes token-id prompts for `echo`; None where there is none
+    lm: ModelFacts
+    on_step: Callable[[int, int, float], None] | None  # (rows, prefill tokens, seconds) per step
+
+    @property
+    def queue_depth(self) -> int: ...
+
+    @property
+    def batch_size(self) -> int: ...
+
+    def submit(self, prompt: str | list[int], params: SamplingParams, *, ignore_eos: bool = False,
+               max_tokens_name: str = "max_new_tokens") -> CompletionStream: ...
+
+    def start(self) -> Any: ...
+
+    def stop(self) -> None: ...
+
+
+def engine_facts(client: EngineClient) -> dict:
+    """Facts for `GET /`: the engine's own `info()` where it has one, else the model's dtype and device."""
+    info = getattr(client, "info", None)
+    if callable(info):
+        return dict(info())
+    lm = client.lm
+    return {"dtype": str(lm.dtype).removeprefix("torch."), "device": str(lm.device)}

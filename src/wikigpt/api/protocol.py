@@ -1,0 +1,164 @@
+"""Request and response schemas of the HTTP API, and reading a request body into one.
+
+Request bodies are read here, not by FastAPI's body binding, because the original contract is
+`curl -d '{"text": ...}'` with no Content-Type (curl then labels the JSON as form data): every
+POST body is parsed as UTF-8 JSON whatever its content type, under a size cap, and every
+failure becomes a typed error from errors.py rendered in OpenAI's error shape.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TypeVar
+
+from fastapi import Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ..errors import InvalidRequestError, PayloadTooLargeError, WikigptError
+from ..settings import SamplingParams
+
+Schema = TypeVar("Schema", bound=BaseModel)
+
+
+class PredictRequest(SamplingParams):
+    """The original contract, `{"text": "..."}`, plus optional sampling settings."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True, extra="forbid", strict=True)
+
+    text: str = Field(min_length=1, max_length=100_000)
+    """The prompt to continue; the answer repeats it followed by the continuation."""
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(**self.model_dump(exclude={"text"}))
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    include_usage: bool = False
+
+
+class CompletionRequest(BaseModel):
+    """OpenAI's legacy completions request. Omitted sampling fields take wikigpt's decoding
+    defaults (temperature 0.8, top-p 0.95, top-k 50, repetition penalty 1.1, 64 tokens), not
+    OpenAI's, because those are what keeps this model's text readable."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = None
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1, le=4096)
+    temperature: float | None = Field(None, ge=0.0, le=5.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0, le=100_000)
+    repetition_penalty: float | None = Field(None, ge=1.0, le=2.0)
+    n: int = Field(1, ge=1, le=16)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    echo: bool = False
+    ignore_eos: bool = False
+    """Keep generating past the end-of-text token (benchmarks use it for fixed lengths)."""
+    user: str | None = None
+    logprobs: None = None
+    suffix: None = None
+    best_of: int | None = Field(None, ge=1, le=16)
+    presence_penalty: float = Field(0.0, ge=0.0, le=0.0)
+    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0)
+    logit_bias: dict[str, float] | None = Field(None, max_length=0)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_items(cls, value):
+        if isinstance(value, list) and len(value) > 64 and not isinstance(value[0], int):
+            raise ValueError("at most 64 prompts per request")
+        if isinstance(value, list) and not value:
+            raise ValueError("must not be empty")
+        if isinstance(value, list) and any(isinstance(p, (str, list)) and not p for p in value):
+            raise ValueError("prompts must not be empty")
+        return value
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        return [list(p)] if isinstance(p[0], int) else list(p)
+
+    def sampling(self, index: int) -> SamplingParams:
+        """Choice `index`'s parameters: ours where a field is omitted; seeds differ per choice."""
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        values = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                      repetition_penalty=self.repetition_penalty, max_new_tokens=self.max_tokens,
+                      seed=None if self.seed is None else (self.seed + index) % 2**63, stop=stop)
+        try:
+            return SamplingParams(**{k: v for k, v in values.items() if v is not None})
+        except ValidationError as exc:
+            raise invalid(exc) from None
+
+
+# Accepted by OpenAI, refused here: what a client may send instead.
+_UNSUPPORTED = {"logprobs": "null", "suffix": "null", "presence_penalty": "0", "frequency_penalty": "0",
+                "logit_bias": "{}"}
+
+
+def invalid(exc: ValidationError) -> InvalidRequestError:
+    """A 400 naming each bad field in the body's own terms (`text`, not `--text`)."""
+    parts, param = [], None
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        param = param or loc or None
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        elif loc in _UNSUPPORTED:
+            msg = f"not supported by this server (leave it out or send {_UNSUPPORTED[loc]})"
+        elif err["type"] == "missing":
+            msg = "field required"
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return InvalidRequestError("invalid request: " + "; ".join(parts[:5]), param=param)
+
+
+def error_body(exc: WikigptError) -> dict:
+    return {"error": {"message": exc.message, "type": exc.error_type, "param": exc.param, "code": None}}
+
+
+async def read_body(request: Request, schema: type[Schema], limit: int) -> Schema:
+    """The body as `schema`, whatever its Content-Type, at most `limit` bytes."""
+    declared = request.headers.get("content-length", "")
+    too_big = PayloadTooLargeError(f"the request body is larger than {limit} bytes (--max-body-bytes)")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_big
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > limit:
+            raise too_big
+    return parse_body(bytes(raw), schema)
+
+
+def parse_body(raw: bytes, schema: type[Schema]) -> Schema:
+    if not raw.strip():
+        raise InvalidRequestError('the request body is empty: send a JSON object such as {"text": "Data Science is"}')
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequestError(f"the request body is not valid UTF-8 (bad byte at offset {exc.start})") from None
+    try:
+        data = json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequestError(f"the request body is not valid JSON: {exc.msg} "
+                                  f"(line {exc.lineno}, column {exc.colno})") from None
+    except ValueError as exc:
+        raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(data), "a number")
+        raise InvalidRequestError(f"the request body must be a JSON object, not {kind}")
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        raise invalid(exc) from None
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")

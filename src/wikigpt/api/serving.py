@@ -1,0 +1,220 @@
+"""Serving logic: a parsed request becomes engine calls, their output a JSON answer or SSE.
+
+One `Serving` per app, shared by the routes. It knows nothing of which engine it drives (the
+in-process one or an upstream server): it talks to an `EngineClient`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+
+from .. import __version__
+from ..errors import EngineError, InvalidRequestError, ModelNotFoundError, OverloadedError, WikigptError
+from ..settings import SamplingParams, ServeSettings
+from .client import CompletionStream, EngineClient, engine_facts
+from .metrics import Metrics
+from .protocol import CompletionRequest, PredictRequest, error_body, read_body
+
+log = logging.getLogger("wikigpt.api")
+ROUTES = ["/predict", "/v1/completions", "/v1/models", "/metrics", "/health", "/ready"]
+Job = tuple[str | list[int], SamplingParams]
+
+
+class Serving:
+    def __init__(self, settings: ServeSettings, client: EngineClient, metrics: Metrics,
+                 evaluation: dict | None = None) -> None:
+        self.settings, self.client, self.metrics, self.evaluation = settings, client, metrics, evaluation
+        self.created = int(time.time())
+
+    # ---- facts ----------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        """The model name clients see and send (upstream: known once the upstream answered)."""
+        return self.settings.served_model_name or self.client.lm.name
+
+    def model_card(self) -> dict:
+        c = self.client
+        return {"id": self.name, "object": "model", "created": self.created, "owned_by": "wikigpt",
+                "context_length": c.context_length, "n_params": c.lm.n_params, **engine_facts(c)}
+
+    def health(self) -> dict:
+        c = self.client
+        return {"status": "ok", "model": self.name, "ready": c.ready.is_set(), "version": __version__,
+                "context_length": c.context_length, "n_params": c.lm.n_params, **engine_facts(c),
+                "max_batch_size": c.max_batch_size, "eval": self.evaluation, "routes": ROUTES}
+
+    def check_model(self, requested: str | None) -> None:
+        if requested is not None and requested != self.name:
+            raise ModelNotFoundError(f"model '{requested}' is not served here; this server serves "
+                                     f"'{self.name}' (GET /v1/models)", param="model")
+
+    # ---- routes' work -----------------------------------------------------------------------
+    async def predict(self, request: Request) -> Any:
+        """The original contract: `{"text": "Data Science is"}` -> `{"predictions": text + continuation}`."""
+        started = time.perf_counter()
+        req = await read_body(request, PredictRequest, self.settings.max_body_bytes)
+        streams = self._submit([(req.text, req.sampling())], False, "max_new_tokens")
+        texts = await self._collect(request, streams, started)
+        if texts is None:
+            return Response(status_code=499)  # nginx's "client closed request": nobody reads it
+        s = streams[0]
+        return {"predictions": req.text + texts[0], "model": self.name, "finish_reason": s.finish_reason,
+                "usage": _usage(s.prompt_tokens, streams)}
+
+    async def completions(self, request: Request) -> Any:
+        started = time.perf_counter()
+        req = await read_body(request, CompletionRequest, self.settings.max_body_bytes)
+        self.check_model(req.model)
+        if req.best_of is not None and req.best_of != req.n:
+            raise InvalidRequestError("best_of is not supported (leave it out or set it equal to n)", param="best_of")
+        prompts, n = req.prompts, req.n
+        jobs = [(p, req.sampling(i * n + j)) for i, p in enumerate(prompts) for j in range(n)]
+        cap = self.client.max_batch_size
+        if len(jobs) > cap:
+            raise InvalidRequestError(f"the request asks for {len(jobs)} completions (prompts x n); this "
+                                      f"server generates at most {cap} per request", param="n")
+        echoes = [self._echo(p) if req.echo else "" for p in prompts for _ in range(n)]
+        streams = self._submit(jobs, req.ignore_eos, "max_tokens")
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": self.name}
+        prompt_tokens = sum(s.prompt_tokens for s in streams[::n])
+        if not req.stream:
+            texts = await self._collect(request, streams, started)
+            if texts is None:
+                return Response(status_code=499)
+            choices = [_choice(i, echoes[i] + t, streams[i].finish_reason) for i, t in enumerate(texts)]
+            return {**head, "choices": choices, "usage": _usage(prompt_tokens, streams)}
+        try:
+            await _opened(streams)  # an upstream's refusal is our 4xx, not an event after a 200
+        except BaseException:
+            _cancel(streams)
+            raise
+        usage = bool(req.stream_options and req.stream_options.include_usage)
+        events = self._events(streams, head, echoes, prompt_tokens if usage else None, started)
+        return StreamingResponse(events, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    # ---- helpers ------------------------------------------------------------------------------
+    def _echo(self, prompt: str | list[int]) -> str:
+        if isinstance(prompt, str):
+            return prompt
+        if self.client.tokenizer is None:
+            raise InvalidRequestError("echo of token-id prompts needs a tokenizer, which this server "
+                                      "does not have (upstream mode): send the prompt as text", param="echo")
+        return self.client.tokenizer.decode(prompt)
+
+    def _submit(self, jobs: list[Job], ignore_eos: bool, max_tokens_name: str) -> list[CompletionStream]:
+        """All jobs or none: a refusal of one cancels those already queued."""
+        streams: list[CompletionStream] = []
+        try:
+            for prompt, params in jobs:
+                streams.append(self.client.submit(prompt, params, ignore_eos=ignore_eos,
+                                                  max_tokens_name=max_tokens_name))
+        except BaseException as exc:
+            _cancel(streams)
+            if isinstance(exc, OverloadedError):
+                exc.retry_after = self.settings.retry_after
+            raise
+        return streams
+
+    async def _collect(self, request: Request, streams: list[CompletionStream], started: float) -> list[str] | None:
+        """Texts of all streams; None (and the streams cancelled) if the client goes away first."""
+        task = asyncio.ensure_future(asyncio.gather(*(s.text() for s in streams)))
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=0.5)
+                if done:
+                    return task.result()
+                if await request.is_disconnected():
+                    return None
+        finally:
+            task.cancel()
+            _cancel(streams)  # disconnected, or a sibling failed: free their slots
+            self.metrics.finished(streams, started)
+
+    async def _events(self, streams: list[CompletionStream], head: dict, echoes: list[str],
+                      prompt_tokens: int | None, started: float) -> AsyncIterator[str]:
+        """Server-sent events: echoes, then chunks as they come, usage if asked, `[DONE]` last."""
+        try:
+            for i, echo in enumerate(echoes):
+                if echo:
+                    yield sse({**head, "choices": [_choice(i, echo, None)]})
+            async for i, c in merge(streams):
+                yield sse({**head, "choices": [_choice(i, c.text, c.finish_reason)]})
+            if prompt_tokens is not None:
+                yield sse({**head, "choices": [], "usage": _usage(prompt_tokens, streams)})
+        except WikigptError as exc:
+            yield sse(error_body(exc))
+        except Exception:  # a bug: logged with its traceback, the client gets a clean event
+            log.exception("streaming failed")
+            yield sse(error_body(EngineError("internal error while generating; the request was dropped")))
+        finally:
+            _cancel(streams)
+            self.metrics.finished(streams, started)
+        yield sse("[DONE]")
+
+
+def sse(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+def _choice(index: int, text: str, finish_reason: str | None) -> dict:
+    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+
+
+def _usage(prompt_tokens: int, streams: Sequence[CompletionStream]) -> dict:
+    done = sum(s.completion_tokens for s in streams)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done}
+
+
+def _cancel(streams: Sequence[CompletionStream]) -> None:
+    for s in streams:
+        if s.finish_reason is None:
+            s.cancel()
+
+
+async def _opened(streams: Sequence[CompletionStream]) -> None:
+    waits = [opened() for s in streams if (opened := getattr(s, "opened", None)) is not None]
+    if waits:
+        await asyncio.gather(*waits)
+
+
+async def merge(streams: Sequence[CompletionStream]) -> AsyncIterator[tuple[int, Any]]:
+    """Chunks of several streams as they come, tagged with the stream's index."""
+    if len(streams) == 1:
+        async for c in streams[0]:
+            yield 0, c
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, s: CompletionStream) -> None:
+        try:
+            async for c in s:
+                await queue.put((i, c))
+        except Exception as exc:
+            await queue.put((i, exc))
+        await queue.put((i, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            i, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
