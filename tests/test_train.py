@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -135,7 +137,80 @@ def test_signal_saves_a_loadable_checkpoint_and_exits_cleanly(sig, code, tiny_mo
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["stopped"] == "interrupted" and state["step"] >= 2
     lm = load_model(ModelSettings(model=str(ckpt), device="cpu"))
-    assert lm.n_params > 0
+    start = load_model(ModelSettings(model=str(tiny_model_dir), device="cpu"))
+    assert lm.n_params == start.n_params
+    trained, initial = lm.model.state_dict(), start.model.state_dict()
+    assert trained.keys() == initial.keys()
+    assert any(not torch.equal(trained[k], initial[k]) for k in trained)  # the trained weights, not the start's
+
+
+def _train_cmd(run: Path, tiny_model_dir, wiki_file, cache: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "wikigpt.cli", "train", "--preset", "smoke", "--model", str(tiny_model_dir),
+            "--train-file", str(wiki_file), "--cache-dir", str(cache), "--output-dir", str(run),
+            "--device", "cpu", "--no-progress", *extra]
+
+
+def _kill_when(proc: subprocess.Popen, ready: Callable[[], bool], delay: float = 0.0, seconds: float = 120) -> bool:
+    """SIGKILL proc `delay` seconds after ready() holds (polled without sleeping, to land inside
+    short windows such as a checkpoint being written); False if proc ended first."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and proc.poll() is None and not ready():
+        pass
+    time.sleep(delay)
+    killed = proc.poll() is None
+    proc.kill()
+    proc.wait(timeout=60)
+    return killed
+
+
+def test_sigkill_at_any_moment_then_resume_equals_uninterrupted(tiny_model_dir, wiki_file, tmp_path):
+    """SIGKILL mid-checkpoint-write and mid-run, then --resume: the same final weights as a run
+    never interrupted; half-written folders are never resumed from and are deleted; exactly
+    --keep-checkpoints folders remain."""
+    from wikigpt.train import list_checkpoints, train
+
+    steps, keep = 12, 2
+    full = train(settings(tiny_model_dir, wiki_file, tmp_path / "a", max_steps=steps, save_interval=1,
+                          keep_checkpoints=keep, eval_interval=0))
+    run, ckdir = tmp_path / "b" / "run", tmp_path / "b" / "run" / "checkpoints"
+    flags = ["--max-steps", str(steps), "--save-interval", "1", "--keep-checkpoints", str(keep), "--eval-interval", "0"]
+
+    def hidden() -> list[Path]:
+        return [p for p in ckdir.iterdir() if p.name.startswith(".")] if ckdir.is_dir() else []
+
+    def newest() -> int:
+        found = list_checkpoints(run)
+        return int(found[-1].name.split("-")[1]) if found else 0
+
+    def start() -> subprocess.Popen:
+        cmd = _train_cmd(run, tiny_model_dir, wiki_file, tmp_path / "cache", *flags, *(["--resume"] if newest() else []))
+        return subprocess.Popen(cmd, env=_cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    # 1. Killed while a checkpoint is being written (its hidden temporary folder exists), once a
+    #    first one is complete; a few tries, since a kill may land just after the rename.
+    for _ in range(4):
+        assert _kill_when(start(), lambda: newest() > 0 and bool(hidden())), "the run ended before the kill"
+        if hidden():
+            break
+    assert hidden(), "no kill landed while a checkpoint was being written"
+    assert all(not p.name.startswith(".") for p in list_checkpoints(run))  # never a resume candidate
+    # 2. Killed at random moments of resumed runs, each once it has trained a step.
+    rng = random.Random(0)
+    for _ in range(3):
+        resumed_at = newest()
+        _kill_when(start(), lambda: newest() > resumed_at, delay=rng.uniform(0, 0.2))
+    # 3. Resumed to the end.
+    assert start().wait(timeout=300) == 0
+    assert sorted(p.name for p in ckdir.iterdir()) == [f"step-{s:07d}" for s in range(steps - keep + 1, steps + 1)]
+    a = load_file(str(tmp_path / "a" / "run" / "final" / "model.safetensors"))
+    b = load_file(str(run / "final" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+    report = json.loads((run / "final" / "training_report.json").read_text())
+    assert report["steps"] == steps and report["losses"] == pytest.approx(full["losses"], abs=1e-4)
+    logged = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, steps + 1))  # steps trained again are logged once
 
 
 def test_two_process_ddp_on_cpu_trains(tiny_model_dir, wiki_file, tmp_path):
@@ -199,7 +274,8 @@ def test_prepare_command_builds_then_reuses(tiny_model_dir, wiki_file, tmp_path,
     first = capsys.readouterr().out
     assert "train" in first and "validation" in first and "built" in first
     assert cli.main(args) == 0
-    assert "reused" in capsys.readouterr().out and "built" not in capsys.readouterr().out
+    second = capsys.readouterr().out
+    assert "reused" in second and "built" not in second
 
 
 def test_scratch_init_with_a_new_vocabulary(wiki_file, tmp_path):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import signal
 import sys
@@ -78,10 +79,44 @@ def optimizer_from_safetensors(tensors: dict[str, torch.Tensor], meta: dict) -> 
 
 
 # ---------------------------------------------------------------- checkpoints
+# A checkpoint folder appears only complete: save_model writes into a hidden temporary sibling
+# and renames it into place, and an old one is renamed to a hidden name before it is deleted.
+# So a process killed at any moment leaves step-* folders that are whole plus, at worst, hidden
+# leftovers, which the next start deletes.
 def list_checkpoints(output_dir: Path) -> list[Path]:
+    """The complete checkpoints in output_dir, oldest first."""
     root = output_dir / CHECKPOINTS
-    found = [p for p in root.glob("step-*") if (p / STATE_FILE).is_file()] if root.is_dir() else []
+    found = [p for p in root.glob("step-*") if _complete(p)] if root.is_dir() else []
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def _complete(path: Path) -> bool:
+    return all((path / name).is_file() for name in (STATE_FILE, OPTIMIZER_FILE, "model.safetensors"))
+
+
+def remove_partial_checkpoints(output_dir: Path) -> list[Path]:
+    """Delete what a killed run left half-written: hidden temporaries of checkpoints and of
+    final/, and step-* folders that are not complete. Returns what was deleted."""
+    root = output_dir / CHECKPOINTS
+    leftovers = [*output_dir.glob(".final.*"), *output_dir.glob(".metrics.jsonl.*")]
+    if root.is_dir():
+        leftovers += [p for p in root.iterdir() if p.name.startswith(".") or not _complete(p)]
+    for path in leftovers:
+        _delete(path)
+    return leftovers
+
+
+def _delete(path: Path) -> None:
+    """Rename, then delete: a kill during the deletion leaves a hidden folder, not a step-* one."""
+    trash = path.with_name(f".{path.name.lstrip('.')}.trash-{os.getpid()}")
+    try:
+        os.replace(path, trash)
+    except OSError:
+        trash = path
+    if trash.is_dir():
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        trash.unlink(missing_ok=True)
 
 
 def save_checkpoint(output_dir: Path, model, tokenizer, optimizer, scheduler, state: dict, keep: int) -> Path:
@@ -92,8 +127,25 @@ def save_checkpoint(output_dir: Path, model, tokenizer, optimizer, scheduler, st
     path = save_model(model, tokenizer, output_dir / CHECKPOINTS / f"step-{state['step']:07d}",
                       extra_files={STATE_FILE: payload}, extra_tensors={OPTIMIZER_FILE: tensors})
     for old in list_checkpoints(output_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _delete(old)
     return path
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep metrics.jsonl's records up to `step` (the resumed checkpoint's): the steps after it
+    are trained again, and a line cut short by a kill would otherwise be glued to the next."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if int(json.loads(line)["step"]) <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- model and data set-up
@@ -238,6 +290,10 @@ def train(s: TrainSettings, should_stop: Callable[[int], bool] | None = None) ->
     main = accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
 
+    if main and out.is_dir():
+        for path in remove_partial_checkpoints(out):
+            print(f"wikigpt train: deleted {path}, left half-written by a killed run", file=sys.stderr, flush=True)
+    accelerator.wait_for_everyone()
     checkpoints = list_checkpoints(out)
     resume_from = None
     if s.resume:
@@ -301,6 +357,8 @@ def train(s: TrainSettings, should_stop: Callable[[int], bool] | None = None) ->
         step, samples_seen, history, evals = st["step"], st["samples_seen"], st["losses"], st["evals"]
         tokens_seen = st["tokens_seen"]  # counted, not step x tokens_per_step: that may change on resume
         elapsed_before = st["train_seconds"]
+        if main:
+            truncate_metrics(out / "metrics.jsonl", step)
 
     sampler = BlockSampler(n_blocks, s.seed)
     if main:
