@@ -25,28 +25,38 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 class LiveServer:
-    """`create_app` served by uvicorn in a thread, on a socket bound to 127.0.0.1:0."""
+    """`create_app` served by uvicorn in a thread, on a socket bound to 127.0.0.1:0: the native
+    engine on `lm`, or any other `EngineClient` (the upstream client) given as `client`."""
 
-    def __init__(self, lm, **settings) -> None:
+    def __init__(self, lm=None, *, client=None, wait_ready: bool = True, **settings) -> None:
         import uvicorn
 
         from wikigpt.api import create_app
-        from wikigpt.engine import Engine
 
-        settings.setdefault("bf16_from_batch", 0)  # no bf16 speed probe: the tiny model gains nothing
-        s = ServeSettings(model=lm.name, **settings)
-        self.engine = Engine(lm, max_batch_size=s.max_batch_size, queue_size=s.queue_size,
-                             bf16_from_batch=s.bf16_from_batch)
+        if client is None:
+            from wikigpt.engine import Engine
+
+            settings.setdefault("bf16_from_batch", 0)  # no bf16 speed probe: the tiny model gains nothing
+            s = ServeSettings(model=lm.name, **settings)
+            client = Engine(lm, max_batch_size=s.max_batch_size, queue_size=s.queue_size,
+                            bf16_from_batch=s.bf16_from_batch)
+        else:
+            s = ServeSettings(**settings)
+        self.engine = client
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(create_app(s, self.engine), log_level="warning",
-                                                    access_log=False, timeout_graceful_shutdown=2))
+        self.app = create_app(s, self.engine)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", access_log=False,
+                                                    timeout_graceful_shutdown=2))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
-        deadline = time.monotonic() + 30
-        while not (self.server.started and self.engine.ready.is_set()):
-            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
+        self.wait(lambda: self.server.started and (self.engine.ready.is_set() or not wait_ready), "server did not start")
+
+    def wait(self, condition, what: str, seconds: float = 30) -> None:
+        deadline = time.monotonic() + seconds
+        while not condition():
+            assert time.monotonic() < deadline and self.thread.is_alive(), what
             time.sleep(0.02)
 
     def close(self) -> None:
@@ -245,7 +255,9 @@ def test_metrics_change_as_requests_are_served(client):
     assert metric(after, "wikigpt_http_requests_total", **labels) == metric(before, "wikigpt_http_requests_total", **labels) + 1
     assert metric(after, "wikigpt_generated_tokens_total") > metric(before, "wikigpt_generated_tokens_total")
     assert metric(after, "wikigpt_time_to_first_token_seconds_count") > metric(before, "wikigpt_time_to_first_token_seconds_count")
-    assert "wikigpt_queue_depth 0.0" in after and "wikigpt_running_sequences" in after
+    assert metric(after, "wikigpt_prompt_tokens_total") > metric(before, "wikigpt_prompt_tokens_total")
+    assert metric(after, "wikigpt_batch_size_count") > metric(before, "wikigpt_batch_size_count")  # steps ran
+    # the gauges' values moving is checked while requests decode and wait (test_full_queue_503...)
 
 
 @pytest.fixture(scope="module")
@@ -273,8 +285,10 @@ def test_full_queue_503_and_disconnect_frees_the_slot(long_context_lm):
                 assert ra.status_code == 200 and first.startswith("data: "), first
                 with b.stream("POST", "/v1/completions", json={**long, "max_tokens": 5}) as rb:
                     assert rb.status_code == 200  # B is queued
-                    state = (srv.engine.queue_depth, srv.engine.batch_size, srv.engine.steps)
-                    assert state[:2] == (1, 1), state
+                    state = (srv.engine.queue_depth, srv.engine.batch_size)
+                    assert state == (1, 1), state
+                    busy = httpx.get(srv.url + "/metrics").text
+                    assert metric(busy, "wikigpt_queue_depth") == 1 and metric(busy, "wikigpt_running_sequences") == 1
                     r = httpx.post(srv.url + "/predict", json={"text": "C"}, timeout=30)
                     assert r.status_code == 503 and r.headers["retry-after"] == "7"
                     assert r.json()["error"]["type"] == "overloaded_error"
@@ -286,26 +300,168 @@ def test_full_queue_503_and_disconnect_frees_the_slot(long_context_lm):
         while srv.engine.batch_size and time.monotonic() < deadline:
             time.sleep(0.05)
         assert srv.engine.batch_size == 0 and srv.engine.queue_depth == 0
+        idle = httpx.get(srv.url + "/metrics").text
+        assert metric(idle, "wikigpt_queue_depth") == 0 and metric(idle, "wikigpt_running_sequences") == 0
         assert httpx.post(srv.url + "/predict", json={"text": "D", "max_new_tokens": 3}, timeout=30).status_code == 200
     finally:
         srv.close()
 
 
-def test_api_key_guards_everything_but_health(tiny_lm):
+def _concrete(path: str) -> str:
+    return re.sub(r"\{[^}]*\}", "x", path)  # /v1/models/{model_id:path} -> /v1/models/x
+
+
+def test_api_key_guards_every_route_but_health(tiny_lm):
+    """Every route the app has, FastAPI's /docs, /redoc and /openapi.json included, answers 401
+    without the key or with a wrong one; only /, /health and /ready stay open."""
     import openai
 
     srv = LiveServer(tiny_lm, api_key="s3cret")
     try:
-        for path in ("/", "/health", "/ready"):
-            assert httpx.get(srv.url + path).status_code == 200
-        for headers in ({}, {"Authorization": "Bearer wrong"}):
-            for method, path in (("GET", "/v1/models"), ("GET", "/metrics"), ("POST", "/predict")):
+        routes = [(m, _concrete(r.path)) for r in srv.app.routes for m in sorted(getattr(r, "methods", None) or ())]
+        paths = {p for _, p in routes}
+        assert {"/docs", "/redoc", "/openapi.json", "/predict", "/metrics"} <= paths, paths
+        open_paths = {"/", "/health", "/ready"}
+        assert open_paths <= paths
+        for method, path in routes:
+            if path in open_paths:
+                assert httpx.request(method, srv.url + path).status_code == 200, (method, path)
+                continue
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
                 r = httpx.request(method, srv.url + path, headers=headers, json={"text": "a"})
-                assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+                assert r.status_code == 401, (method, path, headers, r.status_code)
                 assert r.headers["www-authenticate"] == "Bearer"
+                if method != "HEAD":
+                    assert r.json()["error"]["type"] == "authentication_error"
+        key = {"Authorization": "Bearer s3cret"}
+        assert httpx.get(srv.url + "/openapi.json", headers=key).json()["info"]["title"] == "wikigpt"
+        assert httpx.get(srv.url + "/docs", headers=key).status_code == 200
         oc = openai.OpenAI(base_url=srv.url + "/v1", api_key="s3cret", max_retries=0)
-        assert oc.completions.create(model=tiny_lm.name, prompt="a", max_tokens=3).choices[0].text is not None
+        c = oc.completions.create(model=tiny_lm.name, prompt="Data science is", max_tokens=6, temperature=0)
+        want = generate(tiny_lm, "Data science is", SamplingParams(max_new_tokens=6, temperature=0.0))
+        assert "Data science is" + c.choices[0].text == want and c.usage.completion_tokens >= 1
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=srv.url + "/v1", api_key="nope", max_retries=0).models.list()
     finally:
         srv.close()
+
+
+def _sse_events(response) -> list[str]:
+    return [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def test_streamed_n_and_prompt_lists_match_the_non_streamed_answer(client):
+    """Per index, the streamed text equals the non-streamed one with the same seed; one
+    finish_reason per index; `[DONE]` last."""
+    body = {"prompt": ["Data science is", "The history of", "Wikipedia"], "n": 2, "max_tokens": 12, "seed": 3,
+            "stop": ["\n\n"]}
+    whole = client.post("/v1/completions", json=body).json()
+    want = {ch["index"]: (ch["text"], ch["finish_reason"]) for ch in whole["choices"]}
+    assert sorted(want) == list(range(6)) and len({t for t, _ in want.values()}) > 1
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        events = _sse_events(r)
+    assert events[-1] == "[DONE]" and "[DONE]" not in events[:-1]
+    texts: dict[int, str] = {i: "" for i in want}
+    finishes: dict[int, list[str]] = {i: [] for i in want}
+    for e in events[:-1]:
+        for ch in json.loads(e)["choices"]:
+            texts[ch["index"]] += ch["text"]
+            if ch["finish_reason"]:
+                finishes[ch["index"]].append(ch["finish_reason"])
+    assert {i: (texts[i], finishes[i]) for i in want} == {i: (t, [f]) for i, (t, f) in want.items()}
+
+
+def test_a_decoding_step_that_raises_fails_its_requests_cleanly_and_the_next_succeeds(client, monkeypatch):
+    """Fault injection in the engine's per-step method: the requests in that step get a clear
+    error (JSON, or an SSE error event then [DONE]) without a traceback; the server goes on."""
+    from wikigpt.engine import Engine
+
+    failures = {"left": 0}
+    real_step = Engine._step
+
+    def failing_step(self, *args, **kwargs):
+        if failures["left"]:
+            failures["left"] -= 1
+            raise RuntimeError("injected fault in a decoding step")
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "_step", failing_step)
+    failures["left"] = 1
+    r = client.post("/v1/completions", json={"prompt": "Data science is", "n": 2, "max_tokens": 8})
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error", r.text
+    assert "internal error while generating" in r.json()["error"]["message"]
+    assert "Traceback" not in r.text and "injected" not in r.text and failures["left"] == 0
+
+    failures["left"] = 1
+    with client.stream("POST", "/v1/completions", json={"prompt": ["Data", "Rome"], "max_tokens": 8,
+                                                        "stream": True}) as s:
+        assert s.status_code == 200
+        events = _sse_events(s)
+    assert events[-1] == "[DONE]" and failures["left"] == 0
+    errors = [json.loads(e)["error"] for e in events[:-1] if "error" in json.loads(e)]
+    assert errors and all("internal error while generating" in e["message"] for e in errors), events
+    assert not any("Traceback" in e or "injected" in e for e in events)
+
+    for path, body in (("/predict", {"text": "Still", "max_new_tokens": 4}),
+                       ("/v1/completions", {"prompt": "Still", "max_tokens": 4, "n": 2})):
+        assert client.post(path, json=body).status_code == 200
+
+
+def test_a_non_streamed_request_whose_client_goes_away_frees_its_slot(long_context_lm):
+    srv = LiveServer(long_context_lm, max_batch_size=1, queue_size=4)
+    try:
+        body = json.dumps({"prompt": "Data", "max_tokens": 4000, "ignore_eos": True}).encode()
+        conn = socket.create_connection(("127.0.0.1", int(srv.url.rsplit(":", 1)[1])), timeout=30)
+        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        srv.wait(lambda: srv.engine.batch_size == 1, "the request never started decoding")
+        conn.close()  # the client goes away while its 4,000 tokens are being generated
+        srv.wait(lambda: srv.engine.batch_size == 0, "the slot was not freed", seconds=20)
+        r = httpx.post(srv.url + "/predict", json={"text": "D", "max_new_tokens": 3}, timeout=30)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+    finally:
+        srv.close()
+
+
+def test_ready_is_503_until_the_engine_is_warmed_up(tiny_model_dir):
+    """The model's first forward (the warm-up) is held until the test lets it go."""
+    from wikigpt.modeling import load_model
+    from wikigpt.settings import ModelSettings
+
+    lm = load_model(ModelSettings(model=str(tiny_model_dir), device="cpu"))
+    gate, entered, forward = threading.Event(), threading.Event(), lm.model.forward
+
+    def held_forward(*args, **kwargs):
+        entered.set()
+        assert gate.wait(60), "the test never released the warm-up"
+        return forward(*args, **kwargs)
+
+    lm.model.forward = held_forward
+    srv = LiveServer(lm, wait_ready=False, retry_after=4)
+    try:
+        assert entered.wait(30) and not srv.engine.ready.is_set()
+        r = httpx.get(srv.url + "/ready", timeout=10)
+        assert r.status_code == 503 and r.headers["retry-after"] == "4", r.text
+        assert "loading" in r.json()["error"]["message"]
+        assert httpx.get(srv.url + "/health").status_code == 200
+        assert httpx.get(srv.url + "/").json()["ready"] is False
+        gate.set()
+        srv.wait(srv.engine.ready.is_set, "the engine never became ready")
+        assert httpx.get(srv.url + "/ready").status_code == 200
+    finally:
+        gate.set()
+        srv.close()
+
+
+def test_serve_with_a_missing_model_exits_2_with_one_line_before_opening_a_port(tmp_path):
+    from tests.conftest import free_port
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WIKIGPT_")}
+    proc = subprocess.run([sys.executable, "-m", "wikigpt.cli", "serve", "--model", str(tmp_path / "missing"),
+                           "--port", str(port)], capture_output=True, text=True, timeout=120,
+                          env={**env, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2, proc
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("wikigpt: error:") and "missing" in lines[0], lines
+    assert "Uvicorn" not in proc.stderr

@@ -21,7 +21,7 @@ from ..settings import ServeSettings
 from .client import EngineClient
 from .metrics import AccessLog, Metrics
 from .protocol import error_body
-from .routes import router
+from .routes import add_routes
 from .serving import Serving
 
 log = logging.getLogger("wikigpt.api")
@@ -44,7 +44,7 @@ def create_app(settings: ServeSettings, client: EngineClient) -> FastAPI:
     app = FastAPI(title="wikigpt", version=__version__, lifespan=lifespan,
                   description="Text generation with a GPT-2-family model fine-tuned on WikiText.")
     app.state.serving = serving
-    app.include_router(router)
+    add_routes(app)
     if settings.api_key:
         app.add_middleware(ApiKeyGuard, key=settings.api_key)
     app.add_middleware(AccessLog, metrics=metrics)  # outermost: refused requests are logged too
