@@ -84,3 +84,26 @@ class MethodNotAllowedError(InvalidRequestError):
 
 class EngineError(WikigptError):
     """Generation failed inside the server (a bug or out of memory); the request was dropped."""
+
+
+class UpstreamError(WikigptError):
+    """The upstream server (`serve --upstream`) is unreachable, failed, or dropped the answer."""
+
+    http_status = 503
+    error_type = "upstream_error"
+
+
+class UpstreamTimeoutError(UpstreamError):
+    """The upstream server did not answer within --upstream-read-timeout."""
+
+    http_status = 504
+
+
+class UpstreamRejectedError(InvalidRequestError):
+    """The upstream refused the request as invalid (its 4xx, passed on with its status and message)."""
+
+    def __init__(self, message: str, *, status: int, param: str | None = None) -> None:
+        super().__init__(message, param=param)
+        self.http_status = status
+        if status == 404:
+            self.error_type = "not_found_error"
