@@ -113,7 +113,14 @@ def test_bfloat16_agrees_with_float32(tiny_model_dir):
         results[dtype] = evaluate_ids(lm, corpus_ids(lm, 2), window=128, stride=64)
     assert results["bfloat16"].dtype == "bfloat16"
     assert results["bfloat16"].perplexity == pytest.approx(results["float32"].perplexity, rel=0.01)
-    assert pick_cpu_dtype() in ("float32", "bfloat16")
+
+
+@pytest.mark.parametrize("speedup, dtype", [(6.0, "bfloat16"), (0.02, "float32")])  # an AMX Xeon; emulated bf16
+def test_cpu_dtype_follows_the_bf16_probe(monkeypatch, speedup, dtype):
+    from wikigpt import evaluate
+
+    monkeypatch.setattr(evaluate, "cpu_bf16_speedup", lambda: speedup)
+    assert pick_cpu_dtype() == dtype
 
 
 @pytest.fixture
@@ -158,6 +165,47 @@ def test_cli_compares_models_and_writes_eval_report(tiny_model_dir, tmp_path, te
                          "--no-progress", "--max-tokens", 20, "--stride", 16, "--no-write-report")
     assert rc == 0 and "perplexity" in out and "(partial)" in out and "first 20 tokens" in out
     assert len(read_eval_report(other)["results"]) == 3
+
+
+WRITER = """
+import sys, time
+from pathlib import Path
+from wikigpt.evaluate import EvalResult, write_eval_report
+
+folder, who, n = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+(folder / f"ready-{who}").touch()
+while not (folder / "go").exists():
+    time.sleep(0.01)
+for k in range(n):  # each write is under new conditions (stride), so none replaces another
+    r = EvalResult(model=str(folder), data="d", split="test", n_tokens=9, n_words=3, n_bytes=12, nll=9.0,
+                   window=8, stride=1 + who * n + k, n_windows=1, mean_context=1.0, complete=True,
+                   dtype="float32", device="cpu", seconds=1.0, forward_tokens=9)
+    write_eval_report(folder, r)
+"""
+
+
+def test_concurrent_report_writers_lose_no_result(tmp_path):
+    """Processes adding results to one eval_report.json at once (as two `wikigpt evaluate` runs
+    on one model folder do) keep every result: the read-modify-write holds a lock."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from .conftest import REPO
+
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    writers, n = 4, 40
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), str(w), str(n)], env=env)
+             for w in range(writers)]
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("ready-*"))) < writers and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (tmp_path / "go").touch()  # all start writing together
+    assert [p.wait(timeout=300) for p in procs] == [0] * writers
+    report = read_eval_report(tmp_path)
+    assert sorted(r["stride"] for r in report["results"]) == list(range(1, writers * n + 1))
+    assert {p.name for p in tmp_path.iterdir() if not p.name.startswith(("ready-", "go"))} == {"eval_report.json"}
 
 
 @pytest.mark.parametrize("args, message", [

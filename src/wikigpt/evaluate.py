@@ -25,12 +25,14 @@ ends, at most 2 of ~4,000 words per article (< 0.05 %).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -261,17 +263,27 @@ def result_key(d: dict) -> tuple:
 
 
 def write_eval_report(model_dir: str | os.PathLike, result: EvalResult, others: list[EvalResult] = ()) -> Path:
-    """Add `result` to MODEL_DIR/eval_report.json (atomically), keeping results under other conditions.
+    """Add `result` to MODEL_DIR/eval_report.json, keeping results under other conditions.
 
     Format: {"format": 1, "model": dir, "latest": result, "results": [result, ...],
     "others": [results of other models evaluated in the same command, e.g. the base model]}.
     Each result holds perplexity, word_perplexity, bits_per_byte and how they were measured.
+
+    Two evaluations may finish at once on one model folder: the read-modify-write holds an
+    exclusive lock on the folder, and the new file replaces the old one atomically (a reader
+    never sees half a report).
     """
     path = Path(model_dir) / REPORT_FILE
-    try:
-        old = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError):
-        old = {}  # an unreadable old report is replaced, not fatal: it only held past measurements
+    with _folder_lock(path.parent):
+        try:
+            old = json.loads(path.read_text()) if path.is_file() else {}
+        except (OSError, ValueError):
+            old = {}  # an unreadable old report is replaced, not fatal: it only held past measurements
+        _write_json(path, _merged_report(old, str(model_dir), result, others))
+    return path
+
+
+def _merged_report(old: dict, model: str, result: EvalResult, others: list[EvalResult]) -> dict:
     new = result.to_dict()
     new["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     key = result_key(new)
@@ -279,14 +291,31 @@ def write_eval_report(model_dir: str | os.PathLike, result: EvalResult, others: 
     other_dicts = [o.to_dict() | {"measured_at": new["measured_at"]} for o in others]
     replaced = {(o["model"], result_key(o)) for o in other_dicts}
     kept_others = [o for o in old.get("others", []) if isinstance(o, dict) and (o.get("model"), _safe_key(o)) not in replaced]
-    report = {"format": 1, "model": str(model_dir), "latest": new, "results": [*results, new],
-              "others": [*kept_others, *other_dicts]}
-    fd, tmp = tempfile.mkstemp(prefix=f".{REPORT_FILE}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(report, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path
+    return {"format": 1, "model": model, "latest": new, "results": [*results, new], "others": [*kept_others, *other_dicts]}
+
+
+@contextmanager
+def _folder_lock(folder: Path):
+    """flock on the folder itself (no lock file left behind); released when the fd closes,
+    also when the process is killed."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _safe_key(d: dict) -> tuple | None:
