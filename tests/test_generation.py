@@ -1,3 +1,5 @@
+import threading
+
 import pytest
 
 from wikigpt.generation import ContinuationFilter, clean_continuation, collapse_blank_lines, generate, stream
@@ -79,6 +81,14 @@ def test_generate_streams_in_pieces(tiny_lm):
 
 
 def test_closing_the_stream_early_stops_generation(tiny_lm):
-    it = stream(tiny_lm, "Wikipedia is", SamplingParams(max_new_tokens=4000 // 4, seed=1))
-    next(it)
-    it.close()  # joins the worker: would hang for the full 1000 tokens if not stopped
+    # seed 1 runs the full 240 tokens (no EOS) when not stopped; 240 fits the tiny model's 256 positions
+    forwards: list[int] = []
+    hook = tiny_lm.model.register_forward_hook(lambda *args: forwards.append(1))
+    try:
+        it = stream(tiny_lm, "Wikipedia is", SamplingParams(max_new_tokens=240, seed=1))
+        next(it)
+        it.close()  # sets the stop event and joins the worker
+    finally:
+        hook.remove()
+    assert not any(t.name == "wikigpt-generate" for t in threading.enumerate())
+    assert len(forwards) < 240
