@@ -4,6 +4,10 @@ Nothing here needs the network or the files in ../shared: the tokenizer is a byt
 trained in-process on a paragraph of text, so fast tests run anywhere. Tests that need the
 real GPT-2 tokenizer or WikiText use `shared_tokenizer_dir` / `wikitext_dir`, which skip
 cleanly when ../shared is absent.
+
+`require(condition, reason)` is how a test says it needs something this machine may lack
+(../shared, a Docker engine, Chromium): a developer's `make test` skips with the reason; under
+CI=true (set by CI and by .ci/run) the test fails with it, so CI never goes green by skipping.
 """
 
 from __future__ import annotations
@@ -28,6 +32,19 @@ covers the history of ancient Rome from the fall of the Roman Republic in 27 BC 
 abdication of Romulus Augustulus in AD 476 in the West. Wikipedia is a free online
 encyclopedia written and maintained by a community of volunteers.
 """
+
+
+CI = os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
+
+
+def require(condition: object, reason: str) -> None:
+    """Skip the calling test (or fixture) with `reason` unless `condition` holds; fail under CI=true."""
+    __tracebackhide__ = True  # reports point at the test, not here
+    if condition:
+        return
+    if CI:
+        pytest.fail(f"{reason} (CI=true: a missing prerequisite fails the test instead of skipping it)", pytrace=False)
+    pytest.skip(reason)
 
 
 def free_port() -> int:
@@ -77,14 +94,12 @@ def tiny_lm(tiny_model_dir):
 @pytest.fixture(scope="session")
 def shared_tokenizer_dir() -> Path:
     path = SHARED / "models" / "gpt2-tokenizer"
-    if not (path / "tokenizer.json").is_file():
-        pytest.skip(f"real GPT-2 tokenizer not found at {path}")
+    require((path / "tokenizer.json").is_file(), f"real GPT-2 tokenizer not found at {path}")
     return path
 
 
 @pytest.fixture(scope="session")
 def wikitext_dir() -> Path:
     path = SHARED / "data" / "wikitext-2-raw"
-    if not (path / "wiki.valid.raw").is_file():
-        pytest.skip(f"WikiText-2 raw splits not found at {path}")
+    require((path / "wiki.valid.raw").is_file(), f"WikiText-2 raw splits not found at {path}")
     return path

@@ -4,7 +4,7 @@ backend port, the UI page in a real browser shows the backend ready, and everyth
 made is brought down and removed.
 
 Needs a Docker engine and Compose (v1 `docker-compose` or the v2 plugin); skips with the reason
-otherwise. `.ci/docker-engine.sh up` provides both on a Debian machine, plus a local base image
+otherwise (fails with it under CI=true). `.ci/docker-engine.sh up` provides both on a Debian machine, plus a local base image
 (no registry reachable there) that is used when present. The built images are kept, tagged
 `wikigpt/{backend,ui}:test`, as the build cache of the next run (like the base image); a rebuild
 removes the version it replaces, WIKIGPT_DOCKER_KEEP_IMAGES=0 removes them at the end.
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import free_port
+from .conftest import free_port, require
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(1800)]
 
@@ -114,11 +114,9 @@ def project_leftovers(project: str) -> list[str]:
 @pytest.fixture(scope="module")
 def stack():
     problem = engine_problem()
-    if problem:
-        pytest.skip(problem)
+    require(problem is None, problem or "")
     compose = compose_command()
-    if compose is None:
-        pytest.skip("no Docker Compose: neither `docker-compose` (v1) nor the `docker compose` plugin (v2)")
+    require(compose is not None, "no Docker Compose: neither `docker-compose` (v1) nor the `docker compose` plugin (v2)")
     from tests.conftest import make_tiny_model
 
     timings: dict[str, float] = {}
@@ -220,8 +218,7 @@ def wait_healthy(stack, services, timeout: float) -> None:
 
 
 def test_original_curl_call_on_the_published_backend_port(stack):
-    if shutil.which("curl") is None:
-        pytest.skip("curl not installed (.ci/run installs it)")
+    require(shutil.which("curl"), "curl not installed (.ci/run installs it)")
     url = f"http://127.0.0.1:{stack['ports']['backend']}/predict"
     # The original's call exactly: no Content-Type (curl sends form encoding).
     out = sh("curl", "-sS", "--max-time", "60", "-X", "POST", url, "-d", json.dumps({"text": PROMPT},
@@ -256,8 +253,7 @@ def test_ui_image_has_no_torch_and_reaches_the_backend_by_service_name(stack):
 
 
 def test_ui_page_shows_the_backend_ready(stack, tmp_path):
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium; .ci/run does it)")
+    require(os.access(CHROMIUM, os.X_OK), f"{CHROMIUM} not installed (apt-get install chromium; .ci/run does it)")
     from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as p:
@@ -279,8 +275,7 @@ def test_compose_files_defaults_and_gpu_variant():
     (no engine needed): loopback-only ports, the Hub model with its cache on a volume, the
     read-only model mount, ui after a healthy backend; the GPU file adds a CUDA build + GPUs."""
     compose = ["docker-compose"] if shutil.which("docker-compose") else None
-    if compose is None:
-        pytest.skip("`docker-compose` (v1) not installed; .ci/docker-engine.sh installs it")
+    require(compose is not None, "`docker-compose` (v1) not installed; .ci/docker-engine.sh installs it")
     import yaml
 
     env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root")}  # no .env leaks in

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import free_port
+from tests.conftest import free_port, require
 from tests.test_ui import evaluated_model_dir  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.browser
@@ -58,8 +58,7 @@ def stop(proc: subprocess.Popen) -> None:
 
 @pytest.fixture
 def servers(evaluated_model_dir, tmp_path):
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium; .ci/run does it)")
+    require(os.access(CHROMIUM, os.X_OK), f"{CHROMIUM} not installed (apt-get install chromium; .ci/run does it)")
     api_port, ui_port = free_port(), free_port()
     api_url = f"http://127.0.0.1:{api_port}"
     api = start(["serve", "--model", str(evaluated_model_dir), "--device", "cpu", "--host", "127.0.0.1",
