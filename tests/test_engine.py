@@ -44,12 +44,32 @@ def test_batched_greedy_equals_generate_with_arrivals_and_departures(tiny_lm, en
     jobs.append((PROMPTS[2], p.model_copy(update={"max_new_tokens": 30, "stop": [stop]})))
     want.append(generate(tiny_lm, *jobs[-1])[len(PROMPTS[2]):])
 
+    joins = []  # (rows already running, rows joining) for each step that admits requests
+    step = engine._step
+
+    def watch(new):
+        if new:
+            joins.append((len(engine._running), len(new)))
+        step(new)
+
+    engine._step = watch
+
     async def main():
-        return await asyncio.gather(*[later(engine, q, params, 0.003 * i) for i, (q, params) in enumerate(jobs)])
+        out = []
+        for i, (q, params) in enumerate(jobs):  # each one starts after the previous one's first token
+            chunks = engine.submit(q, params).__aiter__()
+            first = await chunks.__anext__()
+            out.append(asyncio.create_task(_rest(first, chunks)))
+        return await asyncio.gather(*out)
 
     got = run(main())
     assert got == want
     assert stop not in got[-1] and len(got[-1]) < len(got[2])
+    assert sum(1 for running, joining in joins if running > 0) >= 3, joins  # really joined a batch
+
+
+async def _rest(first, chunks):
+    return first.text + "".join([c.text async for c in chunks])
 
 
 def test_sampling_is_per_request_and_reproducible(engine):
@@ -131,23 +151,17 @@ def test_full_queue_and_too_long_prompt_are_refused(tiny_lm):
     run(main())
 
 
-def test_bf16_for_big_batches_fp32_for_small(tiny_lm):
-    """With bf16_from_batch=4 a batch of 4 decodes in bf16 and, once it is down to one row
-    (below half of 4), in fp32 again (the speed probe is skipped: it keeps fp32 only on CPUs
-    that emulate bf16)."""
-    eng = Engine(tiny_lm, max_batch_size=8, bf16_from_batch=4, check_bf16_speed=False)
-    seen = []
-    eng.on_step = lambda rows, prefill, seconds: seen.append((rows, eng._batch.dtype if eng._batch else None))
+def test_bfloat16_serving_stays_close_to_float32(tiny_lm):
+    """An engine serving in bf16 (the CLI's choice where the CPU multiplies bf16 faster) runs
+    the same forward on half-size weights: its greedy text starts like float32's."""
+    eng = Engine(tiny_lm, max_batch_size=4, dtype=torch.bfloat16).start()
     try:
         async def main():
-            streams = [eng.submit(q, GREEDY.model_copy(update={"max_new_tokens": n}))
-                       for q, n in zip(PROMPTS, (4, 4, 4, 20))]
-            eng.start()  # after queueing all four, so they are admitted together
-            return await asyncio.gather(*[s.text() for s in streams])
+            return await asyncio.gather(*[eng.submit(q, GREEDY.model_copy(update={"max_new_tokens": 4})).text()
+                                          for q in PROMPTS])
 
         texts = run(main())
     finally:
         eng.stop()
-    assert all(texts) and set(eng.models) == {torch.float32, torch.bfloat16}
-    assert any(d == torch.bfloat16 for rows, d in seen if rows == 4)
-    assert any(d == torch.float32 for rows, d in seen if rows == 1)
+    assert eng.forward.dtype == torch.bfloat16 and eng.info()["dtype"] == "bfloat16"
+    assert all(texts)

@@ -106,10 +106,9 @@ class ServeSettings(ModelSettings):
     """Most sequences decoded together; more requests wait in the queue."""
     queue_size: int = Field(256, ge=0, le=100_000)
     """Most requests waiting for a batch slot; beyond it requests get 503 with Retry-After."""
-    bf16_from_batch: int = Field(8, ge=0, le=1024)
-    """On CPU with --dtype auto, decode batches of at least this many sequences with a
-    bfloat16 copy of the weights (AMX makes it ~2x faster there) and smaller ones in float32
-    (faster at batch 1); 0 keeps float32 only. Costs a second copy of the weights (half size)."""
+    compile: bool = True
+    """Let the start-up measurement try torch.compile'd kernels for decoding one sequence
+    (needs a C++ compiler; the first start compiles for a minute, later ones reuse the cache)."""
     max_body_bytes: int = Field(1_000_000, ge=1024, le=100_000_000)
     """Largest request body accepted, in bytes; larger ones get 413."""
     api_key: str | None = None

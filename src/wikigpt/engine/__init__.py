@@ -1,0 +1,13 @@
+"""The serving engine, the only serving code that touches torch.
+
+- core.py: the queue, the worker thread and the decoding step (continuous batching);
+- output.py: one request's detokenization and text filtering;
+- sampling.py: per-row sampling with per-request generators;
+- gpt2.py, kv_cache.py, kernels.py: the lean GPT-2 forward on a slot-indexed KV cache;
+- hf.py: the transformers forward, for every other causal LM.
+"""
+
+from .core import Engine, RequestStream
+from .output import Chunk, RequestOutput
+
+__all__ = ["Chunk", "Engine", "RequestOutput", "RequestStream"]

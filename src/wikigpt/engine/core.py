@@ -1,0 +1,358 @@
+"""The engine: a bounded queue, one worker thread that owns the model, continuous batching.
+
+`Engine.submit()` (called on the asyncio loop) checks and queues a request and returns a
+`RequestStream`, an async iterator of `Chunk`s. The worker thread, at every step, drops rows
+whose client went away, admits waiting requests into free slots (their prompts prefilled
+together), decodes one token for every running row, samples each row with its own
+parameters and generator, and streams each row's new text through its `RequestOutput`.
+
+Why our own loop and not transformers' continuous batching (`generate_batch`): there
+`do_sample` and the random generator are global to the manager, so per-request seeds and
+greedy and sampled requests in one batch do not fit, and its paged-attention kernels target
+GPUs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import itertools
+import logging
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import EngineError, InvalidRequestError, OverloadedError
+from ..modeling import LoadedModel
+from ..settings import SamplingParams
+from .gpt2 import GPT2Forward, unsupported_reason
+from .hf import HFForward
+from .kernels import Kernels, choose_kernels
+from .kv_cache import SlotKVCache
+from .output import Chunk, RequestOutput
+from .sampling import RowSampling, sample
+
+log = logging.getLogger("wikigpt.engine")
+
+# Most prompt tokens prefilled in one step: bounds how long running streams stall while new
+# requests are admitted (4,096 tokens of DistilGPT2 = 0.7 TFLOP, about a second on 2 cores).
+MAX_PREFILL_TOKENS = 4096
+_ids = itertools.count(1)
+
+
+@dataclass(eq=False)
+class _Request:
+    id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    ignore_eos: bool
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue
+    output: RequestOutput
+    sampling: RowSampling
+    cancelled: bool = False
+    slot: int = -1
+    last: int = 0  # the next input token
+    submitted: float = field(default_factory=time.perf_counter)
+
+    def push(self, item: Chunk | BaseException) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            self.cancelled = True
+
+
+class RequestStream:
+    """Async iterator over one request's output chunks; `cancel()` frees its batch slot."""
+
+    def __init__(self, req: _Request, engine: Engine) -> None:
+        self._req, self._engine = req, engine
+        self.prompt_tokens = len(req.prompt_ids)
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        self.first_token_at: float | None = None
+
+    def __aiter__(self) -> AsyncIterator[Chunk]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Chunk]:
+        try:
+            while self.finish_reason is None:
+                item = await self._req.out.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if self.first_token_at is None:
+                    self.first_token_at = time.perf_counter()
+                self.completion_tokens = item.completion_tokens
+                self.finish_reason = item.finish_reason
+                yield item
+        finally:
+            if self.finish_reason is None:
+                self.cancel()
+
+    async def text(self) -> str:
+        """The whole continuation (consumes the stream)."""
+        return "".join([c.text async for c in self])
+
+    def cancel(self) -> None:
+        if not self._req.cancelled:
+            self._req.cancelled = True
+            self._engine._wake()
+
+
+class Engine:
+    """Continuous-batching generation on one model in one dtype, driven by one worker thread.
+
+    GPT-2-family models run on the lean forward (gpt2.py) with a slot-indexed KV cache; other
+    causal LMs on transformers' forward (hf.py). `dtype` (default: the loaded model's) is what
+    the weights and cache are served in; the CLI picks bf16 on CPUs where it measures faster.
+    `compile` lets the start-up measurement try torch.compile'd kernels (kernels.py).
+    """
+
+    def __init__(self, lm: LoadedModel, *, max_batch_size: int = 32, queue_size: int = 256,
+                 dtype: torch.dtype | None = None, compile: bool = False, on_step=None) -> None:
+        self.lm = lm
+        self.tokenizer = lm.tokenizer
+        self.dtype = dtype or lm.dtype
+        self.compile = compile
+        # The Rust decoder directly: transformers' decode wrapper costs ~3x more per call. Its
+        # only extra, space clean-up, is off for GPT-2; keep the wrapper where it is on.
+        backend = getattr(lm.tokenizer, "backend_tokenizer", None)
+        if backend is not None and not getattr(lm.tokenizer, "clean_up_tokenization_spaces", False):
+            self._decode = lambda ids: backend.decode(ids, skip_special_tokens=True)
+        else:
+            self._decode = lambda ids: lm.tokenizer.decode(ids, skip_special_tokens=True)
+        # The asyncio thread encodes prompts with its own copy: a fast tokenizer shared across
+        # threads can fail with "Already borrowed".
+        self._encoder = copy.deepcopy(lm.tokenizer)
+        self.max_batch_size, self.queue_size = max_batch_size, queue_size
+        self.context_length = lm.context_length
+        self.vocab_size = int(lm.model.config.vocab_size)
+        self.eos_id = lm.tokenizer.eos_token_id
+        self.pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+        self.on_step = on_step
+        self.ready = threading.Event()
+        self.tokens_generated = 0
+        self.steps = 0
+        self.forward: GPT2Forward | HFForward | None = None  # built by the worker (start-up probe)
+        self.kernels = Kernels()
+        self._waiting: deque[_Request] = deque()
+        self._running: list[_Request] = []
+        self._history: torch.Tensor | None = None  # [slots, context] ids, for the repetition penalty
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # ---- asyncio side -------------------------------------------------------------------
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self._running)
+
+    def info(self) -> dict:
+        """Facts for the API's `/` route and the logs."""
+        return {"dtype": str(self.dtype).removeprefix("torch."), "device": str(self.lm.device),
+                "forward": type(self.forward).__name__ if self.forward else None,
+                "kernels": self.kernels.describe() if isinstance(self.forward, GPT2Forward) else None}
+
+    def encode(self, text: str) -> list[int]:
+        return self._encoder.encode(text)
+
+    def submit(self, prompt: str | list[int], params: SamplingParams, *, ignore_eos: bool = False,
+               max_tokens_name: str = "max_new_tokens") -> RequestStream:
+        """Queue a request (call on the event loop). Raises OverloadedError when the queue is full."""
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self._check(ids, params, max_tokens_name)
+        gen = torch.Generator(device=self.lm.device)
+        gen.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
+        req = _Request(next(_ids), ids, params, ignore_eos, asyncio.get_running_loop(), asyncio.Queue(),
+                       RequestOutput(self._decode, params.stop, len(ids)), RowSampling(params, gen))
+        with self._cond:
+            if self._stopping:
+                raise OverloadedError("the server is shutting down", retry_after=5)
+            if len(self._waiting) >= self.queue_size:
+                raise OverloadedError(
+                    f"the server is busy: {len(self._waiting)} requests are already waiting "
+                    f"(queue size {self.queue_size}); retry shortly")
+            self._waiting.append(req)
+            self._cond.notify()
+        return RequestStream(req, self)
+
+    def _check(self, ids: list[int], params: SamplingParams, max_tokens_name: str) -> None:
+        if not ids:
+            raise InvalidRequestError("the prompt is empty: send at least one token of text", param="prompt")
+        if any(not 0 <= t < self.vocab_size for t in ids):
+            raise InvalidRequestError(f"token ids must be in [0, {self.vocab_size})", param="prompt")
+        n, ctx = len(ids), self.context_length
+        if n + params.max_new_tokens > ctx:
+            fixes = []
+            if params.max_new_tokens < ctx:
+                fixes.append(f"shorten the prompt to at most {ctx - params.max_new_tokens} tokens")
+            if n < ctx:
+                fixes.append(f"lower {max_tokens_name} to at most {ctx - n}")
+            raise InvalidRequestError(
+                f"the prompt has {n} tokens and {max_tokens_name} is {params.max_new_tokens}: together "
+                f"they exceed the model's context of {ctx} tokens; " + (" or ".join(fixes) or "shorten the prompt"),
+                param="prompt")
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    # ---- lifecycle ----------------------------------------------------------------------
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="wikigpt-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        for r in list(self._waiting) + self._running:
+            r.push(OverloadedError("the server is shutting down", retry_after=5))
+        self._waiting.clear()
+        self._running = []
+
+    def _build(self) -> None:
+        """Pick the forward and its kernels, then warm up: one prefill and one decode step, so
+        the first request does not pay for kernel selection and allocator growth."""
+        model, slots = self.lm.model, self.max_batch_size
+        reason = unsupported_reason(model)
+        if reason is None:
+            head = model.get_output_embeddings().weight.detach().to(self.dtype)
+            self.kernels = choose_kernels(head, compile=self.compile, batch=slots)
+            cache = SlotKVCache(model.config.n_layer, slots, model.config.n_head, self.context_length,
+                                model.config.n_embd // model.config.n_head, self.dtype, self.lm.device)
+            self.forward = GPT2Forward(model, cache, self.dtype, self.kernels)
+        else:
+            log.info("transformers forward (%s)", reason)
+            if self.dtype != self.lm.dtype:
+                model = copy.deepcopy(model).to(self.dtype).eval()
+            self.forward = HFForward(model, slots, self.pad_id)
+        self._history = torch.zeros(slots, self.context_length, dtype=torch.long, device=self.lm.device)
+        slot = self.forward.allocate()
+        self.forward.prefill([slot], [[self.eos_id] * 4])
+        self.forward.decode([slot], torch.tensor([self.eos_id], device=self.lm.device))
+        self.forward.release([slot])
+        log.info("engine: %s", self.info())
+
+    # ---- worker side --------------------------------------------------------------------
+    def _run(self) -> None:
+        with torch.inference_mode():
+            try:
+                self._build()
+            except Exception:  # every request below then fails with a clear error
+                log.exception("building the engine failed")
+            self.ready.set()
+            while True:
+                new = self._admit()
+                if new is None:
+                    return
+                try:
+                    if self.forward is None:
+                        raise EngineError("the model could not be prepared for serving; see the server log")
+                    self._step(new)
+                except Exception:
+                    log.exception("decoding step failed; dropping the batch")
+                    self._fail(self._running + new)
+
+    def _fail(self, rows: list[_Request]) -> None:
+        for r in {r.id: r for r in rows}.values():
+            r.push(EngineError("internal error while generating; the request was dropped"))
+        if self.forward is not None:
+            self.forward.release(sorted({r.slot for r in rows if r.slot >= 0}))
+        self._running = []
+
+    def _admit(self) -> list[_Request] | None:
+        with self._cond:
+            while True:
+                if self._stopping:
+                    return None
+                if any(r.cancelled for r in self._waiting):
+                    self._waiting = deque(r for r in self._waiting if not r.cancelled)
+                if self._waiting or self._running:
+                    break
+                self._cond.wait()
+            free = self.max_batch_size - len(self._running)
+            new: list[_Request] = []
+            budget = MAX_PREFILL_TOKENS
+            while self._waiting and len(new) < free:
+                n = len(self._waiting[0].prompt_ids)
+                if new and n > budget:
+                    break
+                new.append(self._waiting.popleft())
+                budget -= n
+            return new
+
+    def _step(self, new: list[_Request]) -> None:
+        """One decoding step: every running row advances one token, new rows are prefilled."""
+        t0 = time.perf_counter()
+        gone = [r for r in self._running if r.cancelled]
+        if gone:
+            self.forward.release([r.slot for r in gone])
+            self._running = [r for r in self._running if not r.cancelled]
+        running, dev = self._running, self.lm.device
+        if not running and not new:
+            return
+        logits = []
+        if running:
+            last = torch.tensor([r.last for r in running], device=dev)
+            logits.append(self.forward.decode([r.slot for r in running], last))
+        if new:
+            for r in new:
+                r.slot = self.forward.allocate()
+                self._history[r.slot] = r.prompt_ids[0]  # padding that is a no-op for the penalty
+                self._history[r.slot, :len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
+            logits.append(self.forward.prefill([r.slot for r in new], [r.prompt_ids for r in new]))
+        rows = running + new
+        tokens = self._sample(rows, torch.cat(logits))
+        self._running = [r for r, t in zip(rows, tokens) if self._advance(r, t)]
+        done = [r.slot for r in rows if r not in self._running]
+        if done:
+            self.forward.release(done)
+        self.tokens_generated += len(rows)
+        self.steps += 1
+        if self.on_step is not None:
+            self.on_step(len(rows), sum(len(r.prompt_ids) for r in new), time.perf_counter() - t0)
+
+    def _sample(self, rows: list[_Request], logits: torch.Tensor) -> list[int]:
+        slots = torch.tensor([r.slot for r in rows], device=logits.device)
+        lengths = [len(r.prompt_ids) + len(r.output.tokens) for r in rows]
+        seen = None
+        if any(r.params.repetition_penalty != 1.0 for r in rows):
+            seen = self._history[slots, :max(lengths)]
+        tokens = sample(logits, [r.sampling for r in rows], seen)
+        self._history[slots, torch.tensor(lengths, device=logits.device)] = tokens
+        return tokens.tolist()
+
+    def _advance(self, r: _Request, token: int) -> bool:
+        """Record one sampled token and stream its text; False when the request is over."""
+        if r.cancelled:
+            return False
+        out = r.output
+        if token == self.eos_id and not r.ignore_eos:
+            r.push(out.chunk(out.finish(), "stop"))
+            return False
+        text = out.append(token)
+        if out.stopped:
+            r.push(out.chunk(text, "stop"))
+            return False
+        if len(out.tokens) >= r.params.max_new_tokens:
+            r.push(out.chunk(text + out.finish(), "length"))
+            return False
+        if text:
+            r.push(out.chunk(text))
+        r.last = token
+        return True

@@ -1,0 +1,146 @@
+"""An inference-only forward pass for GPT-2-family models on a slot-indexed KV cache.
+
+Why not the transformers forward: per decoding step it builds cache objects, attention masks
+and position ids in Python and reads each weight through nn.Module calls, which costs more than
+the arithmetic at small batches; and its cache must be re-indexed whenever a request joins or
+leaves. This is nanoGPT's GPT-2 (fused QKV, pre-norm blocks, tied LM head) over plain weight
+tensors, with a preallocated cache (kv_cache.py) and the matmul kernels measured at start-up
+(kernels.py). Models it does not support exactly fall back to the transformers path (hf.py).
+
+Decoding runs rows [0, highest used slot]: free slots below that ride along as dummy rows
+(position 0, output dropped) so that every cache access is a view, never a gather copy.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .kernels import Kernels, Linear
+from .kv_cache import SlotKVCache
+
+_ACTIVATIONS = {
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "relu": F.relu,
+}
+
+
+def unsupported_reason(model) -> str | None:
+    """Why this model cannot use the lean forward, or None when it can."""
+    cfg = model.config
+    if getattr(cfg, "model_type", None) != "gpt2":
+        return f"model type {getattr(cfg, 'model_type', '?')!r} is not GPT-2"
+    if cfg.activation_function not in _ACTIVATIONS:
+        return f"activation {cfg.activation_function!r}"
+    if not cfg.scale_attn_weights or cfg.scale_attn_by_inverse_layer_idx or cfg.reorder_and_upcast_attn:
+        return "non-default attention scaling"
+    if getattr(cfg, "add_cross_attention", False):
+        return "cross-attention"
+    return None
+
+
+class _Block:
+    def __init__(self, sd: dict, prefix: str, dtype: torch.dtype, kernels: Kernels) -> None:
+        def w(name):
+            return sd[prefix + name].to(dtype)
+
+        def conv1d(name):  # transformers' Conv1D stores [in, out]; F.linear wants [out, in]
+            return Linear(w(name + ".weight").t().contiguous(), w(name + ".bias"), kernels)
+
+        self.ln1 = (w("ln_1.weight"), w("ln_1.bias"))
+        self.ln2 = (w("ln_2.weight"), w("ln_2.bias"))
+        self.qkv, self.attn_proj = conv1d("attn.c_attn"), conv1d("attn.c_proj")
+        self.fc, self.mlp_proj = conv1d("mlp.c_fc"), conv1d("mlp.c_proj")
+
+
+class GPT2Forward:
+    """Prefill and decode on the cache; returns float32 logits of the positions that need them."""
+
+    def __init__(self, model, cache: SlotKVCache, dtype: torch.dtype, kernels: Kernels) -> None:
+        cfg = model.config
+        sd = {k: v.detach() for k, v in model.state_dict().items()}
+        self.cache, self.dtype, self.kernels = cache, dtype, kernels
+        self.n_head, self.dim = cfg.n_head, cfg.n_embd
+        self.eps = cfg.layer_norm_epsilon
+        self.act = _ACTIVATIONS[cfg.activation_function]
+        self.device = next(model.parameters()).device
+        self.wte = sd["transformer.wte.weight"].to(dtype)
+        self.wpe = sd["transformer.wpe.weight"].to(dtype)
+        self.blocks = [_Block(sd, f"transformer.h.{i}.", dtype, kernels) for i in range(cfg.n_layer)]
+        self.ln_f = (sd["transformer.ln_f.weight"].to(dtype), sd["transformer.ln_f.bias"].to(dtype))
+        head = sd.get("lm_head.weight", sd["transformer.wte.weight"]).to(dtype)
+        self.head = Linear(head, None, kernels)
+
+    def _norm(self, x: torch.Tensor, ln: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return F.layer_norm(x, (self.dim,), ln[0], ln[1], self.eps)
+
+    def _mlp(self, x: torch.Tensor, block: _Block) -> torch.Tensor:
+        return x + block.mlp_proj(self.act(block.fc(self._norm(x, block.ln2))))
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self._norm(x, self.ln_f)).float()
+
+    def prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
+        """Run the prompts (right-padded into one batch), store their keys and values in their
+        slots and return the logits of each prompt's last token [n, vocab]."""
+        n, width = len(prompts), max(len(p) for p in prompts)
+        ids = torch.zeros(n, width, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, :len(p)] = torch.tensor(p)
+        ids = ids.to(self.device)
+        rows = torch.tensor(slots, device=self.device)
+        h, hd = self.n_head, self.dim // self.n_head
+        x = (self.wte[ids] + self.wpe[:width]).view(n * width, self.dim)
+        for layer, b in enumerate(self.blocks):
+            q, k, v = b.qkv(self._norm(x, b.ln1)).view(n, width, 3, h, hd).permute(2, 0, 3, 1, 4)
+            self.cache.keys[layer][rows, :, :width] = k
+            self.cache.values[layer][rows, :, :width] = v
+            # right padding: a real query only sees earlier positions, all real, so the causal
+            # mask alone is right; rows of padding compute garbage that nobody reads
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + b.attn_proj(y.transpose(1, 2).reshape(n * width, self.dim))
+            x = self._mlp(x, b)
+        for s, p in zip(slots, prompts):
+            self.cache.lengths[s] = len(p)
+        last = torch.tensor([i * width + len(p) - 1 for i, p in enumerate(prompts)], device=self.device)
+        return self._logits(x[last])
+
+    def decode(self, slots: list[int], tokens: torch.Tensor) -> torch.Tensor:
+        """One token for each slot in `slots` (their next input ids, [B]); returns [B, vocab]."""
+        lengths = self.cache.lengths
+        n = max(slots) + 1
+        if len(slots) == n and slots == sorted(slots):
+            ids = tokens
+        else:  # free slots below the highest used one ride along as dummy rows
+            ids = torch.zeros(n, dtype=torch.long, device=self.device)
+            ids[slots] = tokens
+        pos_list = lengths[:n]
+        pos = torch.tensor(pos_list, device=self.device)
+        span = max(pos_list) + 1  # attend over [0, longest row]; shorter rows are masked
+        mask = (torch.arange(span, device=self.device)[None] <= pos[:, None])[:, None, None]
+        h, hd = self.n_head, self.dim // self.n_head
+        rows = torch.arange(n, device=self.device)
+        x = self.wte[ids] + self.wpe[pos]
+        for layer, b in enumerate(self.blocks):
+            q, k, v = b.qkv(self._norm(x, b.ln1)).view(n, 3, h, hd).unbind(1)
+            keys, values = self.cache.keys[layer], self.cache.values[layer]
+            keys[rows, :, pos] = k
+            values[rows, :, pos] = v
+            y = F.scaled_dot_product_attention(q[:, :, None], keys[:n, :, :span], values[:n, :, :span],
+                                               attn_mask=mask)
+            x = x + b.attn_proj(y.view(n, self.dim))
+            x = self._mlp(x, b)
+        for s in slots:
+            lengths[s] += 1
+        if len(slots) != n or ids is not tokens:
+            x = x[torch.tensor(slots, device=self.device)]
+        return self._logits(x)
+
+    def allocate(self) -> int:
+        return self.cache.allocate()
+
+    def release(self, slots: list[int]) -> None:
+        for s in slots:
+            self.cache.release(s)

@@ -1,0 +1,118 @@
+"""Matrix-vector and matrix-matrix products for decoding, picked by measurement at start-up.
+
+Decoding reads every weight once per step, so a step's time is set by two products:
+- one row (a single sequence): a matrix-vector product, bound by memory bandwidth. oneDNN's
+  bf16 GEMV reads the 77 MB DistilGPT2 LM head at well under the machine's bandwidth, while
+  a multiply-and-sum loop that torch.compile (Inductor) writes streams it at close to it;
+- many rows: a matrix-matrix product, bound by the multiply units. oneDNN runs it faster on
+  weights reordered once into its blocked layout (what Inductor's "freezing" does) than on
+  plain row-major weights it re-blocks at every call.
+Neither wins on every CPU (AVX2-only machines emulate bf16; some builds lack a C++ compiler
+for Inductor), so each candidate is timed against plain `F.linear` on the model's largest
+weight and kept only where it is faster and gives the same numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("wikigpt.engine")
+
+
+def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [1, in] @ weight[out, in].T, accumulated in float32: Inductor turns this into one
+    vectorized pass over the weight (2 bytes read per bf16 weight, no temporaries)."""
+    y = (weight.float() * x.float()).sum(-1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)[None]
+
+
+@dataclass
+class Kernels:
+    """The measured choice for one dtype; `describe()` goes to the logs and the API's `/`."""
+
+    gemv: Callable | None = None  # compiled _gemv for one-row products, or None: F.linear
+    packed: bool = False  # oneDNN-blocked weights for many-row products
+
+    def describe(self) -> str:
+        return (f"one row: {'compiled GEMV' if self.gemv else 'F.linear'}; "
+                f"many rows: {'oneDNN packed weights' if self.packed else 'F.linear'}")
+
+
+class Linear:
+    """y = x W^T + b with the kernels chosen for this dtype. x is 2-D [rows, in]."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernels: Kernels) -> None:
+        self.weight, self.bias = weight.contiguous(), bias
+        self.gemv = kernels.gemv
+        self.packed = _pack(self.weight) if kernels.packed else None
+        if self.packed is not None and self.gemv is None:
+            self.weight = None  # only the packed copy is read: do not keep two
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1 and self.gemv is not None:
+            return self.gemv(x, self.weight, self.bias)
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
+def _pack(weight: torch.Tensor) -> torch.Tensor:
+    # the batch-size hint only tunes the blocking; the packed weight serves any row count
+    return torch.ops.mkldnn._reorder_linear_weight(weight, 32)
+
+
+def _best_time(fn: Callable[[], torch.Tensor], seconds: float = 0.3, runs: int = 20) -> float:
+    fn()  # first call: kernel selection, compilation
+    best, deadline = float("inf"), time.perf_counter() + seconds
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+        if time.perf_counter() > deadline:
+            break
+    return best
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.allclose(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+
+
+def choose_kernels(weight: torch.Tensor, *, compile: bool, batch: int = 32) -> Kernels:
+    """Time the candidates on `weight` (the biggest one, usually the LM head) and keep the
+    faster. CUDA keeps F.linear (cuBLAS is already the fast path there)."""
+    kernels = Kernels()
+    if weight.device.type != "cpu":
+        return kernels
+    with torch.inference_mode():
+        one = torch.randn(1, weight.shape[1], dtype=weight.dtype)
+        many = torch.randn(batch, weight.shape[1], dtype=weight.dtype)
+        plain_one = _best_time(lambda: F.linear(one, weight))
+        plain_many = _best_time(lambda: F.linear(many, weight))
+        if compile:
+            try:
+                gemv = torch.compile(_gemv, dynamic=False)
+                if _close(gemv(one, weight, None), F.linear(one, weight)):
+                    t = _best_time(lambda: gemv(one, weight, None))
+                    log.info("one row: compiled GEMV %.2f ms vs F.linear %.2f ms", t * 1e3, plain_one * 1e3)
+                    kernels.gemv = gemv if t < plain_one else None
+            except Exception as exc:  # no C++ compiler, an Inductor bug: keep F.linear, say why
+                log.warning("torch.compile unavailable (%s: %s); one-row products use F.linear",
+                            type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+        try:
+            packed = _pack(weight)
+            run = lambda: torch.ops.mkldnn._linear_pointwise(many, packed, None, "none", [], "")  # noqa: E731
+            if _close(run(), F.linear(many, weight)):
+                t = _best_time(run)
+                log.info("%d rows: oneDNN packed %.2f ms vs F.linear %.2f ms", batch, t * 1e3, plain_many * 1e3)
+                kernels.packed = t < plain_many
+        except (RuntimeError, AttributeError) as exc:  # op missing in this torch build / dtype
+            log.info("oneDNN packed weights unavailable for %s: %s", weight.dtype, str(exc).splitlines()[0][:200])
+    return kernels

@@ -1,0 +1,75 @@
+"""One request's output: token ids in, the text a user sees out.
+
+Every sampled token passes through here exactly once, in order: incremental detokenization
+turns ids into new text (vLLM's detokenizer is the model), then the `ContinuationFilter` that
+`wikigpt generate` uses cuts stop strings and collapses blank-line runs. Because the request
+owns both steps in one object, no piece of text can reach the filter twice or out of order,
+whatever the reason a request ends (EOS, a stop string, the length limit, cancellation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..generation import ContinuationFilter
+
+
+@dataclass
+class Chunk:
+    """A piece of a request's output. The last one has `finish_reason` set."""
+
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class RequestOutput:
+    """Detokenizes one request's tokens incrementally and filters the text.
+
+    Decoding only a short window of tokens each step (as vLLM does) keeps the cost per token
+    constant: the new text is decode(tokens[prefix:]) minus decode(tokens[prefix:read]). Text
+    ending in U+FFFD is held back while it may be the first bytes of a multi-byte character
+    that the next token completes; `finish()` releases it.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str], stop: list[str] | tuple[str, ...] = (),
+                 prompt_tokens: int = 0) -> None:
+        self._decode = decode
+        self.filter = ContinuationFilter(stop)
+        self.prompt_tokens = prompt_tokens
+        self.tokens: list[int] = []
+        self._prefix = 0
+        self._read = 0
+
+    @property
+    def stopped(self) -> bool:
+        """A stop string was seen: nothing after it is ever shown, the request is over."""
+        return self.filter.done
+
+    def append(self, token: int) -> str:
+        """Add one generated token; return the text that is now safe to show."""
+        self.tokens.append(token)
+        return self.filter.feed(self._new_text(final=False))
+
+    def finish(self) -> str:
+        """The request ends here: return what was held back (partial characters, trailing
+        whitespace), cleaned."""
+        text = self.filter.feed(self._new_text(final=True))
+        return text + self.filter.finish()
+
+    def chunk(self, text: str, finish_reason: str | None = None) -> Chunk:
+        return Chunk(text, finish_reason, self.prompt_tokens, len(self.tokens))
+
+    def _new_text(self, final: bool) -> str:
+        if self._read == len(self.tokens):
+            return ""
+        before = self._decode(self.tokens[self._prefix:self._read])
+        now = self._decode(self.tokens[self._prefix:])
+        if len(now) > len(before) and (final or not now.endswith("\ufffd")):
+            self._prefix, self._read = self._read, len(self.tokens)
+            return now[len(before):]
+        if final:
+            self._read = len(self.tokens)
+        return ""
