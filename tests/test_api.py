@@ -36,10 +36,9 @@ class LiveServer:
         if client is None:
             from wikigpt.engine import Engine
 
-            settings.setdefault("bf16_from_batch", 0)  # no bf16 speed probe: the tiny model gains nothing
             s = ServeSettings(model=lm.name, **settings)
-            client = Engine(lm, max_batch_size=s.max_batch_size, queue_size=s.queue_size,
-                            bf16_from_batch=s.bf16_from_batch)
+            # the loaded dtype (float32), so batched greedy text can be compared with `generate`
+            client = Engine(lm, max_batch_size=s.max_batch_size, queue_size=s.queue_size)
         else:
             s = ServeSettings(**settings)
         self.engine = client
@@ -423,31 +422,30 @@ def test_a_non_streamed_request_whose_client_goes_away_frees_its_slot(long_conte
         srv.close()
 
 
-def test_ready_is_503_until_the_engine_is_warmed_up(tiny_model_dir):
-    """The model's first forward (the warm-up) is held until the test lets it go."""
-    from wikigpt.modeling import load_model
-    from wikigpt.settings import ModelSettings
+def test_ready_is_503_until_the_engine_is_warmed_up(tiny_lm):
+    """The engine's start (model preparation and warm-up) is held until the test lets it go;
+    meanwhile the server is up and says it is not ready."""
+    from wikigpt.engine import Engine
 
-    lm = load_model(ModelSettings(model=str(tiny_model_dir), device="cpu"))
-    gate, entered, forward = threading.Event(), threading.Event(), lm.model.forward
+    gate = threading.Event()
 
-    def held_forward(*args, **kwargs):
-        entered.set()
-        assert gate.wait(60), "the test never released the warm-up"
-        return forward(*args, **kwargs)
+    class HeldEngine(Engine):
+        def start(self):
+            threading.Thread(target=lambda: gate.wait(60) and Engine.start(self), daemon=True).start()
+            return self
 
-    lm.model.forward = held_forward
-    srv = LiveServer(lm, wait_ready=False, retry_after=4)
+    engine = HeldEngine(tiny_lm, max_batch_size=4)
+    srv = LiveServer(client=engine, model=tiny_lm.name, wait_ready=False, retry_after=4)
     try:
-        assert entered.wait(30) and not srv.engine.ready.is_set()
         r = httpx.get(srv.url + "/ready", timeout=10)
         assert r.status_code == 503 and r.headers["retry-after"] == "4", r.text
         assert "loading" in r.json()["error"]["message"]
         assert httpx.get(srv.url + "/health").status_code == 200
         assert httpx.get(srv.url + "/").json()["ready"] is False
         gate.set()
-        srv.wait(srv.engine.ready.is_set, "the engine never became ready")
+        srv.wait(engine.ready.is_set, "the engine never became ready")
         assert httpx.get(srv.url + "/ready").status_code == 200
+        assert httpx.post(srv.url + "/predict", json={"text": "Data", "max_new_tokens": 3}).status_code == 200
     finally:
         gate.set()
         srv.close()

@@ -68,7 +68,7 @@ class Serving:
             return Response(status_code=499)  # nginx's "client closed request": nobody reads it
         s = streams[0]
         return {"predictions": req.text + texts[0], "model": self.name, "finish_reason": s.finish_reason,
-                "usage": _usage(s.prompt_tokens, streams)}
+                "usage": _usage(streams, 1)}
 
     async def completions(self, request: Request) -> Any:
         started = time.perf_counter()
@@ -86,20 +86,19 @@ class Serving:
         streams = self._submit(jobs, req.ignore_eos, "max_tokens")
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": self.name}
-        prompt_tokens = sum(s.prompt_tokens for s in streams[::n])
         if not req.stream:
             texts = await self._collect(request, streams, started)
             if texts is None:
                 return Response(status_code=499)
             choices = [_choice(i, echoes[i] + t, streams[i].finish_reason) for i, t in enumerate(texts)]
-            return {**head, "choices": choices, "usage": _usage(prompt_tokens, streams)}
+            return {**head, "choices": choices, "usage": _usage(streams, n)}
         try:
             await _opened(streams)  # an upstream's refusal is our 4xx, not an event after a 200
         except BaseException:
             _cancel(streams)
             raise
         usage = bool(req.stream_options and req.stream_options.include_usage)
-        events = self._events(streams, head, echoes, prompt_tokens if usage else None, started)
+        events = self._events(streams, head, echoes, n if usage else None, started)
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -138,11 +137,12 @@ class Serving:
                     return None
         finally:
             task.cancel()
+            task.add_done_callback(_retrieve)  # its CancelledError is expected, not "never retrieved"
             _cancel(streams)  # disconnected, or a sibling failed: free their slots
             self.metrics.finished(streams, started)
 
     async def _events(self, streams: list[CompletionStream], head: dict, echoes: list[str],
-                      prompt_tokens: int | None, started: float) -> AsyncIterator[str]:
+                      usage_n: int | None, started: float) -> AsyncIterator[str]:
         """Server-sent events: echoes, then chunks as they come, usage if asked, `[DONE]` last."""
         try:
             for i, echo in enumerate(echoes):
@@ -150,8 +150,8 @@ class Serving:
                     yield sse({**head, "choices": [_choice(i, echo, None)]})
             async for i, c in merge(streams):
                 yield sse({**head, "choices": [_choice(i, c.text, c.finish_reason)]})
-            if prompt_tokens is not None:
-                yield sse({**head, "choices": [], "usage": _usage(prompt_tokens, streams)})
+            if usage_n is not None:
+                yield sse({**head, "choices": [], "usage": _usage(streams, usage_n)})
         except WikigptError as exc:
             yield sse(error_body(exc))
         except Exception:  # a bug: logged with its traceback, the client gets a clean event
@@ -171,9 +171,16 @@ def _choice(index: int, text: str, finish_reason: str | None) -> dict:
     return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
 
 
-def _usage(prompt_tokens: int, streams: Sequence[CompletionStream]) -> dict:
+def _usage(streams: Sequence[CompletionStream], n: int) -> dict:
+    """Token counts; a prompt sent n times (n choices) counts once, as OpenAI counts it."""
+    prompt_tokens = sum(s.prompt_tokens for s in streams[::n])
     done = sum(s.completion_tokens for s in streams)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done}
+
+
+def _retrieve(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def _cancel(streams: Sequence[CompletionStream]) -> None:

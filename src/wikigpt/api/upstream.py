@@ -1,0 +1,298 @@
+"""An `EngineClient` that forwards completions to an OpenAI-compatible server (`serve --upstream`).
+
+Each completion (one per prompt and per `n`) is one streamed `POST /v1/completions` to the
+upstream, with every sampling field filled in by us (our decoding defaults, not the upstream's)
+and `stream_options.include_usage` for token counts. Its text passes through our
+`ContinuationFilter` piece by piece, as the in-process engine's does. Cancelling a stream closes
+its upstream connection, which is how vLLM learns to abort the request.
+
+Failures are typed (errors.py): the upstream's 4xx is ours with its message; unreachable, cut
+off mid-answer or a 5xx is 503/502 naming the upstream; no answer within the read timeout 504.
+Readiness follows the upstream: a watcher polls its `/v1/models` and any connection failure
+clears `ready` at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import httpx
+
+from ..errors import (NotReadyError, OverloadedError, UpstreamError, UpstreamRejectedError,
+                      UpstreamTimeoutError, WikigptError)
+from ..generation import ContinuationFilter
+from ..settings import SamplingParams, ServeSettings
+
+log = logging.getLogger("wikigpt.upstream")
+POLL_SECONDS = 2.0  # how stale /ready may be when the upstream goes away between requests
+
+
+@dataclass
+class Chunk:
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class UpstreamModel:
+    name: str
+    n_params: int | None = None
+    device: str = "upstream"
+    dtype: str = ""
+
+
+class UpstreamClient:
+    def __init__(self, settings: ServeSettings) -> None:
+        self.url = settings.upstream
+        self.headers = {"Authorization": f"Bearer {settings.upstream_api_key}"} if settings.upstream_api_key else {}
+        self.wanted = settings.model if "model" in settings.model_fields_set else None
+        self.timeout = httpx.Timeout(settings.upstream_read_timeout, connect=settings.upstream_connect_timeout)
+        self.max_batch_size = settings.max_batch_size
+        self.max_in_flight = settings.max_batch_size + settings.queue_size
+        self.context_length: int | None = None
+        self.tokenizer = None
+        self.lm = UpstreamModel(self.wanted or "")
+        self.ready = threading.Event()
+        self.not_ready_reason = f"the upstream {self.url} has not answered yet"
+        self.on_step: Callable | None = None  # no decoding steps here; kept for the interface
+        self.on_upstream: Callable[[float, str], None] | None = None
+        self.in_flight = 0
+        self._http: httpx.AsyncClient | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._watcher: asyncio.Task | None = None
+
+    # ---- EngineClient -----------------------------------------------------------------------
+    @property
+    def queue_depth(self) -> int:
+        return 0  # requests queue at the upstream
+
+    @property
+    def batch_size(self) -> int:
+        return self.in_flight
+
+    def info(self) -> dict:
+        return {"upstream": self.url, "device": f"upstream {self.url}", "dtype": self.lm.dtype}
+
+    def start(self) -> UpstreamClient:
+        """Call on the event loop (the app's lifespan does)."""
+        self._loop = asyncio.get_running_loop()
+        self._http = httpx.AsyncClient(base_url=self.url, headers=self.headers, timeout=self.timeout,
+                                       limits=httpx.Limits(max_connections=self.max_in_flight + 4))
+        self._watcher = self._loop.create_task(self._watch())
+        return self
+
+    def stop(self) -> None:
+        """Call from another thread (the lifespan runs it in one)."""
+        if self._loop is not None and not self._loop.is_closed():
+            asyncio.run_coroutine_threadsafe(self._close(), self._loop).result(10)
+
+    def submit(self, prompt: str | list[int], params: SamplingParams, *, ignore_eos: bool = False,
+               max_tokens_name: str = "max_new_tokens") -> UpstreamStream:
+        if not self.lm.name:
+            raise NotReadyError(self.not_ready_reason, retry_after=5)
+        if self.in_flight >= self.max_in_flight:
+            raise OverloadedError(f"the server is busy: {self.in_flight} requests are in flight to the "
+                                  f"upstream (--max-batch-size + --queue-size); retry shortly")
+        body = {"model": self.lm.name, "prompt": prompt, "max_tokens": params.max_new_tokens,
+                "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
+                "repetition_penalty": params.repetition_penalty, "stream": True,
+                "stream_options": {"include_usage": True}}
+        if params.seed is not None:
+            body["seed"] = params.seed
+        if params.stop:
+            body["stop"] = params.stop
+        if ignore_eos:
+            body["ignore_eos"] = True
+        return UpstreamStream(self, body, params.stop, max_tokens_name)
+
+    # ---- readiness ----------------------------------------------------------------------------
+    async def _watch(self) -> None:
+        while True:
+            try:
+                self._adopt(await self._models())
+            except Exception as exc:  # noqa: BLE001 - any failure means "not ready", with its reason
+                self.down(str(exc.message if isinstance(exc, WikigptError) else exc))
+            await asyncio.sleep(POLL_SECONDS)
+
+    async def _models(self) -> list[dict]:
+        try:
+            r = await self._http.get("/v1/models", timeout=min(10.0, self.timeout.read))
+        except httpx.HTTPError as exc:
+            raise self._transport_error(exc) from None
+        if r.status_code != 200:
+            raise self._status_error(r.status_code, r.content)
+        return [m for m in r.json().get("data", []) if isinstance(m, dict) and m.get("id")]
+
+    def _adopt(self, models: list[dict]) -> None:
+        ids = [m["id"] for m in models]
+        card = next((m for m in models if m["id"] == (self.wanted or (ids[0] if ids else None))), None)
+        if card is None:
+            self.down(f"the upstream {self.url} serves {ids or 'no model'}, not '{self.wanted}' (--model)")
+            return
+        self.lm.name, self.lm.dtype = card["id"], str(card.get("dtype") or "")
+        self.lm.n_params = card.get("n_params")
+        self.context_length = card.get("max_model_len") or card.get("context_length")
+        if not self.ready.is_set():
+            log.info("upstream %s ready: serving %s (context %s)", self.url, self.lm.name, self.context_length)
+        self.ready.set()
+
+    def down(self, reason: str) -> None:
+        if self.ready.is_set():
+            log.warning("upstream not ready: %s", reason)
+        self.not_ready_reason = reason
+        self.ready.clear()
+
+    async def _close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+        if self._http is not None:
+            await self._http.aclose()
+
+    # ---- errors ---------------------------------------------------------------------------------
+    def _transport_error(self, exc: httpx.HTTPError) -> WikigptError:
+        if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
+            return UpstreamTimeoutError(f"the upstream {self.url} did not answer within "
+                                        f"{self.timeout.read:g} s (--upstream-read-timeout)")
+        what = "is unreachable" if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)) else "broke off its answer"
+        err = UpstreamError(f"the upstream {self.url} {what} ({type(exc).__name__}: {exc or 'no detail'})")
+        self.down(err.message)
+        return err
+
+    def _status_error(self, status: int, content: bytes) -> WikigptError:
+        message, param = _error_message(content)
+        if status in (429, 503):
+            return OverloadedError(f"the upstream {self.url} is busy: {message}")
+        if status in (401, 403):
+            err = UpstreamError(f"the upstream {self.url} refused our credentials (--upstream-api-key): {message}")
+        elif 400 <= status < 500:
+            return UpstreamRejectedError(message, status=status, param=param)
+        else:
+            err = UpstreamError(f"the upstream {self.url} failed ({status}): {message}")
+        err.http_status = 502
+        return err
+
+
+class UpstreamStream:
+    """One forwarded completion; the same surface as the engine's RequestStream, plus `opened()`."""
+
+    def __init__(self, client: UpstreamClient, body: dict, stop: list[str], max_tokens_name: str) -> None:
+        self._client, self._body, self._stop, self._name = client, body, stop, max_tokens_name
+        self.prompt_tokens = self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        self.first_token_at: float | None = None
+        self._out: asyncio.Queue = asyncio.Queue()
+        self._opened: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._task = asyncio.create_task(self._run())
+
+    async def opened(self) -> None:
+        """Returns once the upstream's first event arrived (a refusal can come as an event after
+        its 200); raises the upstream's refusal as our error."""
+        await asyncio.shield(self._opened)
+
+    def __aiter__(self) -> AsyncIterator[Chunk]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Chunk]:
+        try:
+            while self.finish_reason is None:
+                item = await self._out.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if self.first_token_at is None:
+                    self.first_token_at = time.perf_counter()
+                self.completion_tokens, self.finish_reason = item.completion_tokens, item.finish_reason
+                yield item
+        finally:
+            if self.finish_reason is None:
+                self.cancel()
+
+    async def text(self) -> str:
+        return "".join([c.text async for c in self])
+
+    def cancel(self) -> None:
+        self._task.cancel()  # leaves `async with stream(...)`: the upstream connection closes
+        if not self._opened.done():
+            self._opened.cancel()
+
+    async def _run(self) -> None:
+        c, started, outcome = self._client, time.perf_counter(), "ok"
+        c.in_flight += 1  # here, not in __init__: a task cancelled before it starts never runs its finally
+        try:
+            async with c._http.stream("POST", "/v1/completions", json=self._body) as r:
+                if r.status_code >= 400:
+                    raise c._status_error(r.status_code, await r.aread())
+                await self._relay(r)
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure reaches the client as a typed error
+            if isinstance(exc, httpx.HTTPError):
+                exc = c._transport_error(exc)
+            elif not isinstance(exc, WikigptError):
+                log.exception("forwarding to the upstream failed")
+                exc = UpstreamError(f"the upstream {c.url} sent an answer this server cannot read")
+            outcome = "error"
+            if not self._opened.done():
+                self._opened.set_exception(exc)
+                self._opened.exception()  # retrieved: no "never retrieved" warning if nobody awaits it
+            self._out.put_nowait(exc)
+        finally:
+            c.in_flight -= 1
+            if c.on_upstream is not None:
+                c.on_upstream(time.perf_counter() - started, outcome)
+
+    async def _relay(self, r: httpx.Response) -> None:
+        """Upstream SSE -> our chunks, through the filter; the finish comes after the usage event."""
+        filt, pieces, reason = ContinuationFilter(self._stop), 0, None
+        async for line in r.aiter_lines():
+            data = line[5:].strip() if line.startswith("data:") else ""
+            if not data:
+                continue
+            if data == "[DONE]":
+                break
+            event = json.loads(data)
+            if "error" in event:  # vLLM refuses some bad prompts this way, after its 200
+                code = event["error"].get("code") if isinstance(event["error"], dict) else None
+                if not self._opened.done() and isinstance(code, int) and 400 <= code < 500:
+                    raise self._client._status_error(code, data.encode())
+                raise UpstreamError(f"the upstream {self._client.url} failed mid-answer: "
+                                    f"{_error_message(data.encode())[0]}")
+            if not self._opened.done():
+                self._opened.set_result(None)
+            if usage := event.get("usage"):
+                self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+                pieces = int(usage.get("completion_tokens") or pieces)
+            for choice in event.get("choices") or ():
+                pieces += 1 if choice.get("text") else 0
+                out = filt.feed(choice.get("text") or "")
+                reason = choice.get("finish_reason") or reason
+                if filt.done:  # one of our stop strings: done here, whatever the upstream does
+                    self._out.put_nowait(Chunk(out, "stop", self.prompt_tokens, pieces))
+                    return
+                if out:
+                    self._out.put_nowait(Chunk(out, None, self.prompt_tokens, pieces))
+        if reason is None:
+            raise UpstreamError(f"the upstream {self._client.url} ended its answer without a finish_reason")
+        self._out.put_nowait(Chunk(filt.finish(), reason, self.prompt_tokens, pieces))
+
+
+def _error_message(content: bytes) -> tuple[str, str | None]:
+    """Message and param of an OpenAI-style error body, else the body's first 300 characters."""
+    text = content.decode("utf-8", "replace")
+    try:
+        body = json.loads(text)
+    except ValueError:
+        body = None
+    err = body.get("error") if isinstance(body, dict) else None
+    if isinstance(err, dict):
+        return str(err.get("message") or "no message").strip(), err.get("param")
+    detail = (err or body.get("detail")) if isinstance(body, dict) else None
+    return str(detail or text[:300] or "no message").strip(), None

@@ -1,0 +1,262 @@
+"""`wikigpt serve --upstream`: the API in front of another OpenAI-compatible server, here a real
+`wikigpt serve` subprocess on 127.0.0.1. The whole API battery goes through the gateway; the
+upstream is killed mid-stream, kept busy past the read timeout, and watched for disconnects."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from tests.conftest import free_port
+from tests.test_api import BAD, LiveServer, metric
+from wikigpt.api.upstream import UpstreamClient
+from wikigpt.generation import generate
+from wikigpt.settings import SamplingParams, ServeSettings
+
+
+class Upstream:
+    """`wikigpt serve` in a subprocess on a free loopback port, ready when constructed."""
+
+    def __init__(self, model_dir, *args: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("WIKIGPT_")}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "wikigpt.cli", "serve", "--model", str(model_dir), "--port", str(self.port),
+             "--log-level", "warning", *args], env={**env, "HF_HUB_OFFLINE": "1"},
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while True:
+            assert self.proc.poll() is None, self.proc.stderr.read()
+            assert time.monotonic() < deadline, "the upstream did not become ready"
+            try:
+                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+
+    def running(self) -> float:
+        return metric(httpx.get(self.url + "/metrics", timeout=10).text, "wikigpt_running_sequences")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+        self.proc.stderr.close()
+
+
+def gateway(upstream_url: str, wait_ready: bool = True, **settings) -> LiveServer:
+    settings = {"upstream": upstream_url, **settings}
+    return LiveServer(client=UpstreamClient(ServeSettings(**settings)), wait_ready=wait_ready, **settings)
+
+
+@pytest.fixture(scope="module")
+def upstream(tiny_model_dir):
+    up = Upstream(tiny_model_dir)
+    yield up
+    up.kill()
+
+
+@pytest.fixture(scope="module")
+def gw(upstream):
+    srv = gateway(upstream.url, max_body_bytes=100_000)
+    yield srv
+    srv.close()
+
+
+@pytest.fixture()
+def client(gw):
+    with httpx.Client(base_url=gw.url, timeout=60) as c:
+        yield c
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_cli_gateway_answers_the_original_curl_call(upstream, tiny_model_dir):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WIKIGPT_")}
+    proc = subprocess.Popen([sys.executable, "-m", "wikigpt.cli", "serve", "--upstream", upstream.url,
+                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**env, "HF_HUB_OFFLINE": "1"})
+    try:
+        deadline = time.monotonic() + 60
+        while subprocess.run(["curl", "-sf", f"http://localhost:{port}/ready"], capture_output=True).returncode:
+            assert proc.poll() is None and time.monotonic() < deadline, "the gateway did not become ready"
+            time.sleep(0.2)
+        out = subprocess.run(["curl", "-s", "-X", "POST", f"http://localhost:{port}/predict",
+                              "-d", '{"text":"Data Science is"}'], capture_output=True, text=True, timeout=60)
+        answer = json.loads(out.stdout)
+        assert answer["predictions"].startswith("Data Science is") and answer["model"] == str(tiny_model_dir)
+        assert answer["usage"]["prompt_tokens"] > 0 and answer["usage"]["completion_tokens"] > 0
+        root = json.loads(subprocess.run(["curl", "-s", f"http://localhost:{port}/"], capture_output=True,
+                                         text=True, timeout=30).stdout)
+        assert root["ready"] is True and root["upstream"] == upstream.url and root["context_length"] == 256
+    finally:
+        proc.terminate()
+        err = proc.communicate(timeout=30)[1]
+    assert "Data Science" not in err and "POST /predict 200" in err
+
+
+def test_predict_through_the_gateway_matches_generate_and_the_upstream(client, upstream, tiny_lm):
+    greedy = {"text": "The history of", "max_new_tokens": 12, "temperature": 0.0}
+    assert client.post("/predict", json=greedy).json()["predictions"] == generate(
+        tiny_lm, "The history of", SamplingParams(max_new_tokens=12, temperature=0.0))
+    seeded = {"text": "Data science is", "seed": 7, "stop": ["\n\n"]}
+    via = client.post("/predict", json=seeded).json()
+    assert via["predictions"] == httpx.post(upstream.url + "/predict", json=seeded, timeout=60).json()["predictions"]
+    assert 0 < via["usage"]["completion_tokens"] <= 64  # our default length
+
+
+def test_openai_client_streams_through_the_gateway(gw, upstream, tiny_lm):
+    import openai
+
+    oc = openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    direct = openai.OpenAI(base_url=upstream.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    (model,) = [m.id for m in oc.models.list()]
+    seeded = dict(model=model, prompt="Wikipedia is", max_tokens=20, seed=5, top_p=0.9)
+    whole = oc.completions.create(**seeded).choices[0].text
+    assert whole == direct.completions.create(**seeded).choices[0].text
+    pieces, finish, usage = [], None, None
+    for chunk in oc.completions.create(**seeded, stream=True, stream_options={"include_usage": True}):
+        for ch in chunk.choices:
+            pieces.append(ch.text)
+            finish = ch.finish_reason or finish
+        usage = chunk.usage or usage
+    assert "".join(pieces) == whole and len(pieces) > 1 and finish in {"stop", "length"}
+    assert usage.completion_tokens > 0 and usage.prompt_tokens > 0
+
+    many = oc.completions.create(model=model, prompt=["Data science is", "The history of"], n=2,
+                                 max_tokens=8, seed=1, echo=True)
+    same = direct.completions.create(model=model, prompt=["Data science is", "The history of"], n=2,
+                                     max_tokens=8, seed=1, echo=True)
+    assert [c.text for c in many.choices] == [c.text for c in same.choices]
+    assert many.usage.prompt_tokens == same.usage.prompt_tokens
+
+
+def test_bad_requests_through_the_gateway_are_clear_4xx(client):
+    """The same battery as the native API: our own checks answer locally, the upstream's
+    refusals (context length, token ids) come back with its status and message."""
+    for method, path, body, status, words in BAD:
+        kw = {"json": body} if isinstance(body, (dict, list)) else {"content": body}
+        r = client.request(method, path, **kw)
+        assert r.status_code == status, (method, path, body, r.text)
+        err = r.json()["error"]
+        assert words in err["message"], (words, err)
+        assert err["type"] in {"invalid_request_error", "not_found_error"} and "param" in err
+        assert "Traceback" not in r.text
+    assert client.post("/predict", json={"text": "still alive"}).status_code == 200
+
+
+def test_32_concurrent_clients_through_the_gateway(gw, upstream, tiny_lm):
+    prompts = [f"{w} is" for w in ("Data", "Rome", "Wikipedia", "Science")] * 8
+    want = {p: generate(tiny_lm, p, SamplingParams(max_new_tokens=16, temperature=0.0)) for p in set(prompts)}
+    before = httpx.get(gw.url + "/metrics").text
+
+    def call(p):
+        with httpx.Client(base_url=gw.url, timeout=120) as c:
+            return c.post("/predict", json={"text": p, "max_new_tokens": 16, "temperature": 0.0})
+
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(call, prompts))
+    assert [a.status_code for a in answers] == [200] * 32
+    assert [a.json()["predictions"] for a in answers] == [want[p] for p in prompts]
+    after = httpx.get(gw.url + "/metrics").text
+    moved = metric(after, "wikigpt_upstream_request_duration_seconds_count", outcome="ok") - metric(
+        before, "wikigpt_upstream_request_duration_seconds_count", outcome="ok")
+    assert moved == 32  # upstream latency, one observation per forwarded completion
+
+
+@pytest.fixture(scope="module")
+def long_model_dir(tmp_path_factory):
+    """8,192-token context: 4,000 tokens keep a request decoding for many seconds."""
+    from tests.conftest import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "long", n_layer=4, n_embd=256, n_positions=8192)
+
+
+LONG = {"prompt": "Data", "max_tokens": 4000, "ignore_eos": True}
+
+
+def test_disconnects_reach_the_upstream_and_a_slow_upstream_is_a_504(long_model_dir):
+    up = Upstream(long_model_dir, "--max-batch-size", "1")
+    srv = gateway(up.url, upstream_read_timeout=2)
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            with c.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as r:
+                lines = r.iter_lines()  # kept: a dropped iterator closes the response
+                assert next(lines).startswith("data: ")
+                assert up.running() == 1
+            srv.wait(lambda: up.running() == 0, "a streamed disconnect did not reach the upstream", seconds=20)
+            # a non-streamed client that goes away while its answer is being generated
+            body = json.dumps(LONG).encode()
+            conn = socket.create_connection(("127.0.0.1", int(srv.url.rsplit(":", 1)[1])), timeout=30)
+            conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n%s"
+                         % (len(body), body))
+            srv.wait(lambda: up.running() == 1, "the upstream never ran the request")
+            conn.close()
+            srv.wait(lambda: up.running() == 0, "a non-streamed disconnect did not reach the upstream", seconds=20)
+        assert metric(httpx.get(srv.url + "/metrics").text, "wikigpt_upstream_request_duration_seconds_count",
+                      outcome="cancelled") == 2
+        # the upstream's only slot is busy, and its queue holds another 4,096 tokens ahead of
+        # us: seconds, far past a gateway's read timeout of 0.5 s
+        impatient = gateway(up.url, upstream_read_timeout=0.5)
+        busy = {**LONG, "max_tokens": 4096, "stream": True}
+        with httpx.Client(base_url=up.url, timeout=60) as direct, direct.stream(
+                "POST", "/v1/completions", json=busy) as first, direct.stream(
+                "POST", "/v1/completions", json=busy) as second:
+            assert next(first.iter_lines()).startswith("data: ") and second.status_code == 200
+            r = httpx.post(impatient.url + "/predict", json={"text": "Data"}, timeout=60)
+            assert r.status_code == 504, r.text
+            assert up.url in r.json()["error"]["message"] and "--upstream-read-timeout" in r.text
+        impatient.close()
+    finally:
+        srv.close()
+        up.kill()
+
+
+def test_upstream_killed_mid_stream_is_a_clear_error_and_not_ready(long_model_dir):
+    up = Upstream(long_model_dir)
+    srv = gateway(up.url)
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            with c.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as r:
+                lines = r.iter_lines()
+                assert next(lines).startswith("data: ")
+                up.kill()
+                events = [x[6:] for x in lines if x.startswith("data: ")]
+            assert events[-1] == "[DONE]"
+            err = json.loads(events[-2])["error"]
+            assert err["type"] == "upstream_error" and up.url in err["message"], err
+            ready = c.get("/ready")
+            assert ready.status_code == 503 and up.url in ready.json()["error"]["message"], ready.text
+            r = c.post("/predict", json={"text": "Data"})
+            assert r.status_code == 503 and up.url in r.json()["error"]["message"], r.text
+            assert "Traceback" not in r.text and c.get("/health").status_code == 200
+    finally:
+        srv.close()
+        up.kill()
+
+
+def test_an_upstream_that_is_down_from_the_start(tmp_path):
+    url = f"http://127.0.0.1:{free_port()}"
+    srv = gateway(url, upstream_connect_timeout=1, wait_ready=False)
+    try:
+        srv.wait(lambda: "unreachable" in srv.engine.not_ready_reason, "the watcher never tried")
+        with httpx.Client(base_url=srv.url, timeout=30) as c:
+            r = c.get("/ready")
+            assert r.status_code == 503 and url in r.json()["error"]["message"] and r.headers["retry-after"]
+            r = c.post("/predict", json={"text": "Data"})
+            assert r.status_code == 503 and url in r.json()["error"]["message"], r.text
+            assert c.get("/").json()["ready"] is False
+    finally:
+        srv.close()
