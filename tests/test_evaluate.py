@@ -8,7 +8,8 @@ from transformers import AutoTokenizer
 
 from wikigpt import cli
 from wikigpt.data import split_articles
-from wikigpt.evaluate import EvalResult, count_text, evaluate_ids, pick_cpu_dtype, plan_windows, read_eval_report
+from wikigpt.evalreport import read_eval_report
+from wikigpt.evaluate import EvalResult, count_text, evaluate_ids, pick_cpu_dtype, plan_windows
 
 from .conftest import CORPUS
 
@@ -117,9 +118,9 @@ def test_bfloat16_agrees_with_float32(tiny_model_dir):
 
 @pytest.mark.parametrize("speedup, dtype", [(6.0, "bfloat16"), (0.02, "float32")])  # an AMX Xeon; emulated bf16
 def test_cpu_dtype_follows_the_bf16_probe(monkeypatch, speedup, dtype):
-    from wikigpt import evaluate
+    from wikigpt import modeling
 
-    monkeypatch.setattr(evaluate, "cpu_bf16_speedup", lambda: speedup)
+    monkeypatch.setattr(modeling, "cpu_bf16_speedup", lambda: speedup)
     assert pick_cpu_dtype() == dtype
 
 
@@ -170,7 +171,8 @@ def test_cli_compares_models_and_writes_eval_report(tiny_model_dir, tmp_path, te
 WRITER = """
 import sys, time
 from pathlib import Path
-from wikigpt.evaluate import EvalResult, write_eval_report
+from wikigpt.evalreport import write_eval_report
+from wikigpt.evaluate import EvalResult
 
 folder, who, n = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 (folder / f"ready-{who}").touch()

@@ -30,7 +30,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .errors import ConfigError
-from .settings import DataSettings
+from .settings import DataSettings, default_cache_dir
 
 SPLITS = ("train", "validation", "test")
 FOLDER_FILES = {"train": "wiki.train.raw", "validation": "wiki.valid.raw", "test": "wiki.test.raw"}
@@ -280,10 +280,6 @@ def tokenize_documents(docs: list[str], tokenizer, progress: bool = False, desc:
             os.environ["TOKENIZERS_PARALLELISM"] = previous
         if bar is not None:
             bar.close()
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "wikigpt" / "data"
 
 
 def _as_source(data: DataSettings | Source | str) -> Source:

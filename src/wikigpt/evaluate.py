@@ -25,14 +25,10 @@ ends, at most 2 of ~4,000 words per article (< 0.05 %).
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
-import os
 import sys
-import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -43,13 +39,11 @@ import torch.nn.functional as F
 from tqdm import tqdm  # text bar on stderr (tqdm.auto wants ipywidgets in notebooks)
 
 from .errors import ConfigError
-from .modeling import LoadedModel, cpu_bf16_speedup
+from .evalreport import REPORT_FILE, read_eval_report, result_key, write_eval_report  # noqa: F401 (re-exported)
+from .modeling import LoadedModel, bf16_pays
 
 if TYPE_CHECKING:
     from .settings import EvalSettings
-
-REPORT_FILE = "eval_report.json"
-
 
 @dataclass(frozen=True)
 class Window:
@@ -245,92 +239,10 @@ def evaluate_ids(
 
 
 def pick_cpu_dtype() -> str:
-    """'bfloat16' where this CPU multiplies in bf16 clearly faster than in fp32, else 'float32'.
-
-    Measured once by modeling.cpu_bf16_speedup: on a Xeon with AMX DistilGPT2's eval forward
-    runs at ~4,300 vs ~1,400 tok/s; on an AVX2-only AMD EPYC (no native bf16) 50x slower.
-    Accuracy is not the question: weights and activations in bf16 with the loss in fp32 moved
-    perplexity by -0.006 % (the scratch-cpu model at step 50, 4,096 test tokens) and +0.002 %
-    (random DistilGPT2 shape), measured with benchmarks/eval_bench.py.
-    """
-    # 1.5x margin: bf16 also pays for casting the logits back to fp32 for the loss.
-    return "bfloat16" if cpu_bf16_speedup() > 1.5 else "float32"
-
-
-def result_key(d: dict) -> tuple:
-    """Results measured under the same conditions replace each other in eval_report.json."""
-    return (d["data"], d["split"], d["window"], d["stride"], d["n_tokens"] if not d["complete"] else None)
-
-
-def write_eval_report(model_dir: str | os.PathLike, result: EvalResult, others: list[EvalResult] = ()) -> Path:
-    """Add `result` to MODEL_DIR/eval_report.json, keeping results under other conditions.
-
-    Format: {"format": 1, "model": dir, "latest": result, "results": [result, ...],
-    "others": [results of other models evaluated in the same command, e.g. the base model]}.
-    Each result holds perplexity, word_perplexity, bits_per_byte and how they were measured.
-
-    Two evaluations may finish at once on one model folder: the read-modify-write holds an
-    exclusive lock on the folder, and the new file replaces the old one atomically (a reader
-    never sees half a report).
-    """
-    path = Path(model_dir) / REPORT_FILE
-    with _folder_lock(path.parent):
-        try:
-            old = json.loads(path.read_text()) if path.is_file() else {}
-        except (OSError, ValueError):
-            old = {}  # an unreadable old report is replaced, not fatal: it only held past measurements
-        _write_json(path, _merged_report(old, str(model_dir), result, others))
-    return path
-
-
-def _merged_report(old: dict, model: str, result: EvalResult, others: list[EvalResult]) -> dict:
-    new = result.to_dict()
-    new["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    key = result_key(new)
-    results = [r for r in old.get("results", []) if isinstance(r, dict) and _safe_key(r) != key]
-    other_dicts = [o.to_dict() | {"measured_at": new["measured_at"]} for o in others]
-    replaced = {(o["model"], result_key(o)) for o in other_dicts}
-    kept_others = [o for o in old.get("others", []) if isinstance(o, dict) and (o.get("model"), _safe_key(o)) not in replaced]
-    return {"format": 1, "model": model, "latest": new, "results": [*results, new], "others": [*kept_others, *other_dicts]}
-
-
-@contextmanager
-def _folder_lock(folder: Path):
-    """flock on the folder itself (no lock file left behind); released when the fd closes,
-    also when the process is killed."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _safe_key(d: dict) -> tuple | None:
-    try:
-        return result_key(d)
-    except KeyError:
-        return None
-
-
-def read_eval_report(model_dir: str | os.PathLike) -> dict | None:
-    path = Path(model_dir) / REPORT_FILE
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+    """'bfloat16' where this CPU's bf16 pays (modeling.bf16_pays), else 'float32'. Accuracy is
+    not the question: with the loss taken in fp32, bf16 weights and activations move
+    perplexity by hundredths of a percent (README, Evaluation: measured)."""
+    return "bfloat16" if bf16_pays("cpu") else "float32"
 
 
 def fmt_ppl(x: float) -> str:

@@ -42,8 +42,12 @@ class LoadedModel:
 
     @property
     def context_length(self) -> int:
-        cfg = self.model.config
-        return int(getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings"))
+        return context_length(self.model.config)
+
+
+def context_length(config) -> int:
+    """Most positions the model can attend over (GPT-2: n_positions); 0 when the config does not say."""
+    return int(getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 0) or 0)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -65,12 +69,10 @@ def resolve_device(name: str = "auto") -> torch.device:
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """'auto': bfloat16 on CUDA (float16 where bf16 is unsupported), float32 elsewhere.
 
-    Why float32 on CPU, measured on a 2-core Xeon with AMX, DistilGPT2 shape, `generate`:
-    batch 1 decodes at ~60 tok/s in fp32 vs ~55 in bf16 (decoding one sequence is bound by
-    reading the weights: 82 M params x 4 B = 330 MB per token at ~27 GB/s = 82 tok/s ceiling,
-    and bf16 loses its halved bytes to conversion overhead). bf16 wins only once batches are
-    big enough for AMX matmuls to matter (batch 32: ~970 vs ~520 tok/s); the serving engine
-    picks that per batch. Single-prompt CLI use is batch 1, so fp32.
+    Why float32 on CPU: decoding one sequence (the CLI's case) is bound by reading the weights,
+    and on a CPU bf16 spends the bytes it saves on conversions; bf16 pays only on large matmuls
+    and only on CPUs with native bf16 units. The commands that run those decide with
+    `bf16_pays` (README: the measurements behind this).
     """
     if name != "auto":
         dtype = DTYPES[name]
@@ -86,12 +88,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def cpu_bf16_speedup() -> float:
     """How many times faster this CPU multiplies in bfloat16 than in float32, measured once.
 
-    Engine, evaluation and training each decide from this whether bf16 pays on a CPU. It is
-    measured, not read from CPU flags, because it varies 100x between CPUs and VMs hide flags:
-    a Xeon with AMX multiplies bf16 at ~2,070 vs ~346 GFLOP/s fp32 (6x); an AVX2-only AMD EPYC
-    (the machine this project's CI also runs on) emulates bf16 at ~0.8 vs ~40 GFLOP/s (0.02x).
-    The probe is one decoding-shaped product (32 x 768 @ 768 x 3,072, an MLP at batch 32,
-    0.15 GFLOP) per dtype, best of 4: ~1 ms with AMX, stopped early where bf16 is hopeless.
+    Measured, not read from CPU flags: the ratio spans two orders of magnitude between CPUs
+    with native bf16 units (AMX) and CPUs that emulate bf16, and VMs hide flags. The probe is
+    one decoding-shaped product (an MLP at batch 32: 32 x 768 @ 768 x 3,072) per dtype, best
+    of 4, stopped early where bf16 is hopeless, so it costs milliseconds.
     """
     a, b = torch.randn(32, 768), torch.randn(768, 3072)
 
@@ -110,11 +110,27 @@ def cpu_bf16_speedup() -> float:
     return fp32 / best_of(torch.bfloat16, limit=20 * fp32)
 
 
+# bf16 must beat fp32 by this much on the matmul probe before a CPU computes in it: the probe
+# times matmuls alone, while a real step also pays for the casts around them (weights,
+# activations, fp32 logits for the loss).
+BF16_MIN_SPEEDUP = 1.5
+
+
+def bf16_pays(device: torch.device | str) -> bool:
+    """Whether computing in bfloat16 on `device` is worth it: on CUDA, when the GPU supports
+    it; on a CPU, when its bf16 matmuls are clearly faster (cpu_bf16_speedup); never on others.
+    The one rule that serving, evaluation and training use for their 'auto' dtype."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return kind == "cpu" and cpu_bf16_speedup() >= BF16_MIN_SPEEDUP
+
+
 def serving_dtype(lm: LoadedModel, requested: str) -> torch.dtype:
     """The dtype the serving engine decodes in: the loaded one, except on a CPU with --dtype
-    auto, where bfloat16 is taken when this CPU multiplies it faster (decoding one sequence
-    then reads half the bytes per token, and batches run on the bf16 units)."""
-    if requested == "auto" and lm.device.type == "cpu" and cpu_bf16_speedup() >= 1.25:
+    auto, where bfloat16 is taken when bf16_pays (decoding one sequence then reads half the
+    bytes per token, and batches run on the bf16 units)."""
+    if requested == "auto" and lm.device.type == "cpu" and bf16_pays(lm.device):
         return torch.bfloat16
     return lm.dtype
 
@@ -182,8 +198,7 @@ def load_model(settings: ModelSettings) -> LoadedModel:
         if type(exc).__module__.split(".")[0] in {"huggingface_hub", "httpx", "requests"}:
             raise _not_found(name, _reason(exc)) from None
         raise
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    _pad_with_eos(tokenizer)
     tokenizer.padding_side = "left"
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -266,9 +281,14 @@ def load_tokenizer(name: str, revision: str | None = None) -> PreTrainedTokenize
                                             revision=revision)
     except (OSError, ValueError) as exc:
         raise _not_found(name, _reason(exc)) from None
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
+    return _pad_with_eos(tok)
+
+
+def _pad_with_eos(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """GPT-2 has no pad token; batches pad with EOS (masked out, so its id does not matter)."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def init_model(config_source: str, tokenizer: PreTrainedTokenizerBase, overrides: str | None = None) -> PreTrainedModel:

@@ -19,7 +19,8 @@ import tempfile
 from pathlib import Path
 
 from .errors import ConfigError
-from .evaluate import fmt_ppl, read_eval_report, result_key
+from .evalreport import read_eval_report, result_key
+from .evaluate import fmt_ppl
 from .settings import ReportSettings
 
 TRAINING_REPORT = "training_report.json"
@@ -150,8 +151,8 @@ def perplexity_section(model_dir: Path, base: str | None) -> str:
     latest = report["latest"]
     key = result_key(latest)
     rows = [r for r in report.get("others", []) if isinstance(r, dict) and r.get("model") != latest["model"]
-            and _key(r) == key]
-    rows = rows + [latest] + [r for r in report.get("results", []) if isinstance(r, dict) and _key(r) != key]
+            and result_key(r) == key]
+    rows = rows + [latest] + [r for r in report.get("results", []) if isinstance(r, dict) and result_key(r) != key]
     lines = ["| model | data | tokens scored | window/stride | perplexity | word ppl | bits/byte |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
@@ -173,13 +174,6 @@ def _same_model(a: str, b: str) -> bool:
     """Two --model spellings of one model (runs/x/final and ./runs/x/final/ are the same)."""
     pa, pb = Path(a).expanduser(), Path(b).expanduser()
     return a == b or (pa.exists() and pb.exists() and pa.resolve() == pb.resolve())
-
-
-def _key(r: dict) -> tuple | None:
-    try:
-        return result_key(r)
-    except KeyError:
-        return None
 
 
 def training_section(report: dict | None, png: str | None) -> str:

@@ -38,11 +38,9 @@ class SamplingParams(BaseModel):
     top_k: int = Field(50, ge=0, le=100_000)
     """Keep only the k most likely tokens (0 disables the cut)."""
     repetition_penalty: float = Field(1.1, ge=1.0, le=2.0)
-    """Divide the logits of tokens already present by this (1.0 disables it). 1.1 is mild.
-    Chosen by benchmarks/decoding_defaults.py on the scratch-cpu model (8 prompts x 3 samples
-    x 128 tokens): repeated 4-grams 4.8 % at 1.0, 1.6 % at 1.1, 1.2 % at 1.2, 0.4 % at 1.3,
-    while the model's own per-token perplexity of the text rises 24.5, 29.7, 39.3, 45.0; 1.1
-    removes two thirds of the repeats for the smallest departure (greedy: 84 % repeats)."""
+    """Divide the logits of tokens already present by this (1.0 disables it). 1.1 is mild: the
+    smallest penalty that removes most repeated phrases, so the text departs least from what
+    the model finds likely (README, Decoding defaults: the measurement)."""
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     """Random seed; the same seed, prompt and settings give the same text."""
     stop: list[str] = Field(default_factory=list, max_length=16)
@@ -66,17 +64,18 @@ class _Settings(BaseSettings):
     )
 
 
-class ModelSettings(_Settings):
-    """Which model to load and where to run it."""
+class _ModelChoice(_Settings):
+    """A model and the device it runs on: what loading, training and evaluating share."""
 
     model: str = DEFAULT_MODEL
-    """Hugging Face Hub id (downloaded once into the HF cache) or a local model directory."""
+    """Hugging Face Hub id (downloaded once into the HF cache) or a local model directory
+    (safetensors weights)."""
     revision: str | None = None
-    """Hub branch, tag or commit to load (Hub ids only)."""
+    """Hub branch, tag or commit of --model (Hub ids only)."""
     device: str = "auto"
-    """'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:N' or 'mps'."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Weight dtype; 'auto' is bfloat16 on GPUs and float32 on CPUs (measured: see modeling.py)."""
+    """'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:N' or 'mps'. Training takes no
+    ':N' (pick GPUs with CUDA_VISIBLE_DEVICES; under torchrun/accelerate launch each process
+    takes its own) and its 'auto' is cuda, then cpu."""
 
     @field_validator("device")
     @classmethod
@@ -85,6 +84,15 @@ class ModelSettings(_Settings):
         if base not in {"auto", "cpu", "cuda", "mps"}:
             raise ValueError("must be one of auto, cpu, cuda, cuda:N, mps")
         return value
+
+
+class ModelSettings(_ModelChoice):
+    """Which model to load and where to run it."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weight dtype; 'auto' is bfloat16 on GPUs (float16 where bf16 is unsupported) and float32
+    on CPUs, except that serving and evaluation take bfloat16 on CPUs whose bf16 matmuls are
+    clearly faster (a quick probe at start-up: modeling.bf16_pays)."""
 
 
 class GenerateSettings(ModelSettings, SamplingParams):
@@ -170,29 +178,42 @@ class UISettings(_Settings):
         return value.rstrip("/")
 
 
-class DataSettings(_Settings):
-    """Where training and evaluation text comes from, and where its token cache lives."""
+def default_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/wikigpt/data, ~/.cache/wikigpt/data when XDG_CACHE_HOME is unset."""
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "wikigpt" / "data"
+
+
+class _TextSource(_Settings):
+    """Held-out text and its token cache: what training and evaluation share."""
 
     data: str | None = "wikitext-2-raw-v1"
     """Text source: a WikiText config on the Hugging Face Hub (wikitext-2-raw-v1,
-    wikitext-103-raw-v1), any Hub dataset with a 'text' column as hf:NAME[:CONFIG], or a local
-    folder holding wiki.train.raw, wiki.valid.raw, wiki.test.raw. Ignored (and must not be
-    given) when --train-file/--validation-file/--test-file name the files."""
+    wikitext-103-raw-v1; wikitext-2-raw-v1's validation and test splits are WikiText-103's, the
+    same articles, in a download of a few MB instead of hundreds), any Hub dataset with a 'text'
+    column as hf:NAME[:CONFIG], or a local folder holding wiki.train.raw, wiki.valid.raw,
+    wiki.test.raw. Ignored (and must not be given) when --train-file/--validation-file/
+    --test-file name the files."""
+    validation_file: str | None = None
+    """A UTF-8 text file for the validation split instead of --data's; training without one
+    holds out --validation-split-percent of the training text."""
+    test_file: str | None = None
+    """A UTF-8 text file for the test split (what `wikigpt evaluate` scores) instead of --data's."""
+    cache_dir: str = Field(default_factory=lambda: str(default_cache_dir()))
+    """Folder for token caches (a uint16 memmap + JSON metadata per split, keyed by a hash of
+    the data files, split and tokenizer), shared by training and evaluation: a split is
+    tokenized once."""
+
+
+class DataSettings(_TextSource):
+    """Where training and evaluation text comes from, and where its token cache lives."""
+
     train_file: str | None = None
     """A UTF-8 text file to train on (WikiText layout or any text)."""
-    validation_file: str | None = None
-    """A UTF-8 text file to validate on; without one, --validation-split-percent of the
-    training text is held out."""
-    test_file: str | None = None
-    """A UTF-8 text file for the test split (used by `wikigpt evaluate`)."""
     validation_split_percent: float = Field(5.0, ge=0.0, lt=100.0)
     """When the source has no validation split, hold out this percentage of the training
     articles (the last ones) as validation, as run_clm does; 0 trains without validation."""
     tokenizer: str | None = None
     """Tokenizer (Hub id or local directory); default: the model's (--model)."""
-    cache_dir: str = "~/.cache/wikigpt/data"
-    """Folder for token caches (a uint16 memmap + JSON metadata per split, keyed by a hash of
-    the data files, split and tokenizer); a second run reuses them."""
 
 
 class PrepareSettings(DataSettings):
@@ -202,17 +223,13 @@ class PrepareSettings(DataSettings):
     """Model whose tokenizer to use when --tokenizer is not given (Hub id or local directory)."""
 
 
-class TrainSettings(DataSettings):
+class TrainSettings(DataSettings, _ModelChoice):
     """Fine-tune a causal LM (or train one from random weights) on packed blocks of a text source.
 
     Defaults are a quick look (30 steps of 4,096 tokens: minutes on a laptop CPU); presets in
     configs/ (--preset smoke|wikitext2-cpu|wikitext103-gpu|scratch-cpu) hold full-size runs.
     """
 
-    model: str = DEFAULT_MODEL
-    """Model to fine-tune: a Hub id or a local directory (safetensors weights)."""
-    revision: str | None = None
-    """Hub branch, tag or commit of --model."""
     init: Literal["pretrained", "scratch"] = "pretrained"
     """'pretrained' fine-tunes --model's weights; 'scratch' builds a model of the architecture in
     --architecture from random weights (nanoGPT-style), with --tokenizer's vocabulary."""
@@ -223,9 +240,8 @@ class TrainSettings(DataSettings):
     """--init scratch: comma-separated config changes, e.g. "n_layer=4,n_embd=256,n_head=4"."""
     new_vocab_size: int | None = Field(None, ge=256, le=65536)
     """--init scratch: train a new byte-level BPE tokenizer with this many tokens on the training
-    split instead of using --tokenizer's. On CPU the output layer (vocab x width) dominates a
-    small model's cost: 8,192 tokens trained 2.7x more tokens/s than GPT-2's 50,257 (4 x 256
-    model, measured on a 2-core CPU)."""
+    split instead of using --tokenizer's. On a CPU the output layer (vocab x width) dominates a
+    small model's cost, so a smaller vocabulary trains faster (README: measured)."""
     output_dir: str = "runs/train"
     """Run folder: checkpoints/, metrics.jsonl and final/ (weights, tokenizer,
     generation_config.json, training_report.json)."""
@@ -234,13 +250,10 @@ class TrainSettings(DataSettings):
     data position, step-derived RNG)."""
     overwrite: bool = False
     """Delete the checkpoints and final model already in --output-dir instead of refusing to start."""
-    device: str = "auto"
-    """'auto' (cuda, then mps, then cpu), 'cpu', 'cuda' or 'mps'; under torchrun/accelerate
-    launch each process takes its own GPU."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Autocast compute dtype; master weights and optimizer state stay float32. 'auto': bf16 on
-    GPUs that support it (else fp16 with loss scaling), bf16 on CPUs with AMX or AVX512-BF16,
-    fp32 on other CPUs (where bf16 matmuls are emulated and slower)."""
+    GPUs that support it (else fp16 with loss scaling), bf16 on CPUs whose bf16 matmuls are
+    clearly faster (native units such as AMX: modeling.bf16_pays), else fp32."""
     compile: bool = False
     """torch.compile the model (faster steps on GPU after a minute of compiling)."""
     block_size: int = Field(256, ge=8, le=65536)
@@ -305,29 +318,15 @@ def _comma_list(value):
     return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
 
 
-class EvalSettings(ModelSettings):
+class EvalSettings(ModelSettings, _TextSource):
     """Perplexity, word perplexity and bits per byte of one or more models on a whole split,
     with a sliding window (the Hugging Face perplexity guide's method)."""
 
     model: Annotated[list[str], NoDecode] = Field(default_factory=lambda: [DEFAULT_MODEL], min_length=1, max_length=16)
     """Model to evaluate (Hub id or local directory); repeat --model to compare several in one
     table, e.g. --model distilbert/distilgpt2 --model runs/wikitext103-gpu/final."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Weight dtype; 'auto' is bfloat16 on GPUs and, on CPUs, bfloat16 only where a quick matmul
-    probe finds it clearly faster than float32 (an AMX Xeon evaluates ~3x faster in bf16; an
-    AVX2-only EPYC, which emulates bf16, measured 40x slower), else float32."""
-    data: str | None = "wikitext-2-raw-v1"
-    """Text source: a WikiText config on the Hub (wikitext-2-raw-v1's validation and test splits
-    are WikiText-103's, the same articles, in a download of a few MB instead of hundreds;
-    wikitext-103-raw-v1), hf:NAME[:CONFIG], or a folder holding wiki.valid.raw / wiki.test.raw."""
     split: Literal["test", "validation"] = "test"
     """Which split to score."""
-    test_file: str | None = None
-    """Score this UTF-8 text file as the test split instead of --data."""
-    validation_file: str | None = None
-    """Score this UTF-8 text file as the validation split instead of --data."""
-    cache_dir: str = "~/.cache/wikigpt/data"
-    """Folder for token caches (shared with training: a split is tokenized once)."""
     stride: int | None = Field(None, ge=1)
     """Tokens the window moves each step; each window scores only its last `stride` tokens, so
     with GPT-2's 1024-token window and stride 512 every token is predicted from at least 512

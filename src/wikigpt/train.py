@@ -24,8 +24,9 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 
 from . import data as wdata
 from .errors import ConfigError
-from .modeling import cpu_bf16_speedup
+from .modeling import bf16_pays, context_length, resolve_device
 from .settings import PrepareSettings, SamplingParams, TrainSettings
 
 CHECKPOINTS = "checkpoints"
@@ -42,13 +43,23 @@ STATE_FILE = "trainer_state.json"
 
 
 # ---------------------------------------------------------------- precision and devices
+def device_type(name: str) -> str:
+    """The kind of device --device names (settings checked the spelling). 'auto' is CUDA when
+    visible, else the CPU; one process trains on one device, so GPUs are picked with
+    CUDA_VISIBLE_DEVICES (torchrun/accelerate launch hand each process its own)."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(name)  # an absent CUDA or MPS is a clear error here
+    if device.index is not None:
+        raise ConfigError(f"--device {name}: training takes cpu, cuda or mps (pick GPUs with CUDA_VISIBLE_DEVICES)")
+    return device.type
+
+
 def resolve_precision(name: str, device_type: str) -> str:
     if name == "auto":
         if device_type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        # bf16 autocast pays where bf16 matmuls are clearly faster (AMX: ~6x, training step
-        # ~1.5x); where bf16 is emulated it would be a 30x slowdown.
-        return "bf16" if device_type == "cpu" and cpu_bf16_speedup() > 1.5 else "fp32"
+        return "bf16" if bf16_pays(device_type) else "fp32"
     if name == "fp16" and device_type == "cpu":
         raise ConfigError("--precision fp16 needs a GPU; on CPU use bf16 (with AMX) or fp32")
     return name
@@ -187,11 +198,6 @@ def train_tokenizer(s: TrainSettings):
     return tok
 
 
-def context_length(model) -> int:
-    cfg = model.config
-    return int(getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", 0) or 0)
-
-
 class BlockSampler:
     """Which blocks each process trains on: epoch e visits all blocks in the order of a
     permutation seeded by (seed, e); global sample k is block perm_e[k mod n], e = k // n."""
@@ -269,38 +275,84 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
-# ---------------------------------------------------------------- the loop
-def train(s: TrainSettings, should_stop: Callable[[int], bool] | None = None) -> dict:
-    """Run training; returns the training report (also written to output_dir/final).
+# ---------------------------------------------------------------- a run's parts
+@dataclass
+class Plan:
+    """How many tokens make a step and how many steps make the run."""
 
-    `should_stop(step)` is polled after every optimizer step (tests use it to interrupt a run
-    at a known step, as a signal would).
-    """
-    from accelerate import Accelerator
+    accum: int  # forward/backward passes per optimizer step
+    tokens_per_step: int  # across all processes
+    max_steps: int
+    warmup: int
 
-    out = Path(s.output_dir).expanduser()
-    if s.device not in ("auto", "cpu", "cuda", "mps"):
-        raise ConfigError(f"--device {s.device}: use auto, cpu, cuda or mps (pick GPUs with CUDA_VISIBLE_DEVICES)")
-    want_cpu = s.device == "cpu" or (s.device == "auto" and not torch.cuda.is_available())
-    if s.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device cuda: no CUDA GPU is visible to torch {torch.__version__}")
-    device_type = "cpu" if want_cpu else ("cuda" if torch.cuda.is_available() else "mps")
-    precision = resolve_precision(s.precision, device_type)
-    accelerator = Accelerator(cpu=want_cpu, mixed_precision={"fp32": "no"}.get(precision, precision))
+    @classmethod
+    def of(cls, s: TrainSettings, n_train_tokens: int, world: int) -> Plan:
+        per_pass = s.batch_size * s.block_size * world
+        accum = max(1, round(s.tokens_per_step / per_pass))
+        tokens_per_step = accum * per_pass
+        max_steps = math.ceil(s.epochs * n_train_tokens / tokens_per_step) if s.epochs else s.max_steps
+        return cls(accum, tokens_per_step, max_steps, min(s.warmup_steps, max_steps))
+
+
+@dataclass
+class Progress:
+    """Where a run stands: saved in every checkpoint's trainer_state.json, restored on --resume."""
+
+    step: int = 0
+    samples_seen: int = 0
+    tokens_seen: int = 0  # counted, not step x tokens_per_step: that may change on resume
+    losses: list[float] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+    train_seconds: float = 0.0
+
+
+@dataclass
+class Run:
+    """Everything the loop touches, built once by `setup`."""
+
+    s: TrainSettings
+    out: Path
+    accelerator: Any
+    precision: str
+    model: Any  # what trains (wrapped by DDP under several processes, maybe compiled)
+    raw_model: Any  # what gets saved: unwrapped, uncompiled
+    eval_model: Any  # unwrapped: DDP's forward may broadcast buffers, a collective that would
+    # hang when ranks evaluate different numbers of batches
+    tokenizer: Any
+    optimizer: Any
+    scheduler: Any
+    source: Any
+    train_tokens: np.ndarray
+    val_tokens: np.ndarray | None
+    sampler: BlockSampler
+    plan: Plan
+    progress: Progress
+    started: float = 0.0  # perf_counter at the start of this process's loop
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def log(self, message: str) -> None:
+        if self.main:
+            print(f"wikigpt train: {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- set-up
+def resume_point(out: Path, s: TrainSettings, accelerator) -> Path | None:
+    """The checkpoint to resume from (--resume), after deleting what a killed run left
+    half-written; without --resume, refuse or (--overwrite) clear a folder holding a run."""
     main = accelerator.is_main_process
-    world, rank = accelerator.num_processes, accelerator.process_index
-
     if main and out.is_dir():
         for path in remove_partial_checkpoints(out):
             print(f"wikigpt train: deleted {path}, left half-written by a killed run", file=sys.stderr, flush=True)
     accelerator.wait_for_everyone()
     checkpoints = list_checkpoints(out)
-    resume_from = None
     if s.resume:
         if not checkpoints:
             raise ConfigError(f"--resume: no checkpoint in {out / CHECKPOINTS} to resume from")
-        resume_from = checkpoints[-1]
-    elif checkpoints or (out / "final").exists():
+        return checkpoints[-1]
+    if checkpoints or (out / "final").exists():
         if not s.overwrite:
             raise ConfigError(f"--output-dir {out} already holds a run; pass --resume to continue it or "
                               "--overwrite to start over")
@@ -310,188 +362,252 @@ def train(s: TrainSettings, should_stop: Callable[[int], bool] | None = None) ->
             shutil.rmtree(out / "final", ignore_errors=True)
             (out / "metrics.jsonl").unlink(missing_ok=True)
         accelerator.wait_for_everyone()
+    return None
 
-    source = wdata.resolve_source(s)
-    model, tokenizer = _load_start(s, resume_from)
-    ctx = context_length(model)
+
+def load_data(s: TrainSettings, source, model, tokenizer, accelerator) -> tuple[np.ndarray, np.ndarray | None]:
+    """(train, validation or None) token streams, checked against the model."""
+    ctx = context_length(model.config)
     if ctx and s.block_size > ctx:
         raise ConfigError(f"--block-size {s.block_size} is over the model's context length {ctx}")
     # Tokenize on the main process first (it fills the cache), then the others read the cache.
     with accelerator.main_process_first():
-        train_tokens, train_meta = wdata.load_split_with_meta(source, "train", tokenizer, s.cache_dir, progress=main)
+        train_tokens = wdata.load_split(source, "train", tokenizer, s.cache_dir, progress=accelerator.is_main_process)
         has_val = "validation" in source.splits
         val_tokens = wdata.load_split(source, "validation", tokenizer, s.cache_dir) if has_val else None
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model only {model.get_input_embeddings().num_embeddings}")
-    n_blocks = wdata.num_blocks(train_tokens, s.block_size)
-    if n_blocks < 1:
+    vocab = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > vocab:
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model only {vocab}")
+    if wdata.num_blocks(train_tokens, s.block_size) < 1:
         raise ConfigError(f"the training split has {len(train_tokens)} tokens, fewer than one block of {s.block_size}")
+    return train_tokens, val_tokens
 
-    per_pass = s.batch_size * s.block_size * world
-    accum = max(1, round(s.tokens_per_step / per_pass))
-    tokens_per_step = accum * per_pass
-    max_steps = math.ceil(s.epochs * len(train_tokens) / tokens_per_step) if s.epochs else s.max_steps
-    warmup = min(s.warmup_steps, max_steps)
 
+def build_optimizer(s: TrainSettings, model, plan: Plan, kind: str):
+    """AdamW with nanoGPT's decay groups and a warm-up + cosine schedule to min_lr_ratio."""
     from transformers import get_scheduler
 
+    optimizer = torch.optim.AdamW(_param_groups(model, s.weight_decay), lr=s.learning_rate,
+                                  betas=(s.adam_beta1, s.adam_beta2), fused=kind == "cuda")
+    scheduler = get_scheduler("cosine_with_min_lr", optimizer, num_warmup_steps=plan.warmup,
+                              num_training_steps=plan.max_steps, scheduler_specific_kwargs={"min_lr_rate": s.min_lr_ratio})
+    return optimizer, scheduler
+
+
+def restore(checkpoint: Path, optimizer, scheduler) -> Progress:
+    """Optimizer, schedule and progress from a checkpoint (its weights were loaded with the model)."""
+    from .modeling import load_tensors
+
+    st = json.loads((checkpoint / STATE_FILE).read_text())
+    optimizer.load_state_dict(optimizer_from_safetensors(load_tensors(checkpoint / OPTIMIZER_FILE), st["optimizer"]))
+    scheduler.load_state_dict(st["scheduler"])
+    return Progress(step=st["step"], samples_seen=st["samples_seen"], tokens_seen=st["tokens_seen"],
+                    losses=st["losses"], evals=st["evals"], train_seconds=st["train_seconds"])
+
+
+def setup(s: TrainSettings) -> Run:
+    from accelerate import Accelerator
+
+    out = Path(s.output_dir).expanduser()
+    kind = device_type(s.device)
+    precision = resolve_precision(s.precision, kind)
+    accelerator = Accelerator(cpu=kind == "cpu", mixed_precision={"fp32": "no"}.get(precision, precision))
+    resume_from = resume_point(out, s, accelerator)
+    source = wdata.resolve_source(s)
+    model, tokenizer = _load_start(s, resume_from)
+    train_tokens, val_tokens = load_data(s, source, model, tokenizer, accelerator)
+    plan = Plan.of(s, len(train_tokens), accelerator.num_processes)
     if s.compile:
         model = torch.compile(model)
-    optimizer = torch.optim.AdamW(_param_groups(model, s.weight_decay), lr=s.learning_rate,
-                                  betas=(s.adam_beta1, s.adam_beta2), fused=device_type == "cuda")
-    scheduler = get_scheduler("cosine_with_min_lr", optimizer, num_warmup_steps=warmup, num_training_steps=max_steps,
-                              scheduler_specific_kwargs={"min_lr_rate": s.min_lr_ratio})
+    optimizer, scheduler = build_optimizer(s, model, plan, kind)
     model, optimizer = accelerator.prepare(model, optimizer)
-    raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)  # what gets saved
-    # Evaluation runs on the model without its DDP wrapper: DDP's forward may broadcast buffers,
-    # a collective that would hang when ranks evaluate different numbers of batches.
-    eval_model = accelerator.unwrap_model(model)
-
-    step, samples_seen, tokens_seen, history, evals, elapsed_before = 0, 0, 0, [], [], 0.0
-    if resume_from is not None:
-        from .modeling import load_tensors
-
-        st = json.loads((resume_from / STATE_FILE).read_text())
-        optimizer.load_state_dict(optimizer_from_safetensors(load_tensors(resume_from / OPTIMIZER_FILE), st["optimizer"]))
-        scheduler.load_state_dict(st["scheduler"])
-        step, samples_seen, history, evals = st["step"], st["samples_seen"], st["losses"], st["evals"]
-        tokens_seen = st["tokens_seen"]  # counted, not step x tokens_per_step: that may change on resume
-        elapsed_before = st["train_seconds"]
-        if main:
-            truncate_metrics(out / "metrics.jsonl", step)
-
-    sampler = BlockSampler(n_blocks, s.seed)
-    if main:
-        n_params = sum(p.numel() for p in raw_model.parameters())
-        print(f"wikigpt train: {n_params / 1e6:.1f} M params, {precision} on {accelerator.device} x{world}; "
-              f"train {len(train_tokens):,} tokens ({n_blocks:,} blocks of {s.block_size}), "
-              f"{tokens_per_step:,} tokens/step ({accum} x {s.batch_size} x {s.block_size} x {world}), "
-              f"{max_steps} steps" + (f", resuming at step {step}" if step else ""), file=sys.stderr, flush=True)
+    progress = restore(resume_from, optimizer, scheduler) if resume_from else Progress()
+    if resume_from and accelerator.is_main_process:
+        truncate_metrics(out / "metrics.jsonl", progress.step)
+    run = Run(s=s, out=out, accelerator=accelerator, precision=precision, model=model,
+              raw_model=accelerator.unwrap_model(model, keep_torch_compile=False),
+              eval_model=accelerator.unwrap_model(model), tokenizer=tokenizer, optimizer=optimizer,
+              scheduler=scheduler, source=source, train_tokens=train_tokens, val_tokens=val_tokens,
+              sampler=BlockSampler(wdata.num_blocks(train_tokens, s.block_size), s.seed), plan=plan, progress=progress)
+    if run.main:
         out.mkdir(parents=True, exist_ok=True)
+    return run
 
-    def state(reason: str) -> dict:
-        return {"step": step, "max_steps": max_steps, "samples_seen": samples_seen, "losses": history,
-                "evals": evals, "train_seconds": train_seconds, "stopped": reason,
-                "tokens_seen": tokens_seen, "settings": s.model_dump(mode="json")}
 
-    def checkpoint(reason: str) -> None:
-        accelerator.wait_for_everyone()
-        if main:
-            path = save_checkpoint(out, raw_model, tokenizer, optimizer, scheduler, state(reason), s.keep_checkpoints)
-            print(f"wikigpt train: checkpoint {path}", file=sys.stderr, flush=True)
-        accelerator.wait_for_everyone()
+def announce(run: Run) -> None:
+    s, plan, acc, n = run.s, run.plan, run.accelerator, run.sampler.n
+    n_params = sum(p.numel() for p in run.raw_model.parameters())
+    world, step = acc.num_processes, run.progress.step
+    run.log(f"{n_params / 1e6:.1f} M params, {run.precision} on {acc.device} x{world}; "
+            f"train {len(run.train_tokens):,} tokens ({n:,} blocks of {s.block_size}), "
+            f"{plan.tokens_per_step:,} tokens/step ({plan.accum} x {s.batch_size} x {s.block_size} x {world}), "
+            f"{plan.max_steps} steps" + (f", resuming at step {step}" if step else ""))
 
-    def run_eval(limit: int | None) -> dict | None:
-        if val_tokens is None:
-            return None
-        loss = evaluate_loss(eval_model, val_tokens, s.block_size, s.batch_size, accelerator, limit)
-        rec = {"step": step, "val_loss": round(loss, 5), "val_ppl": round(math.exp(min(loss, 50)), 3),
-               "val_tokens": min(len(val_tokens) - 1, limit or len(val_tokens))}
-        if main:
-            print(f"wikigpt train: step {step}: validation loss {loss:.4f}, perplexity {rec['val_ppl']:,.2f}",
-                  file=sys.stderr, flush=True)
-        return rec
 
-    bar = None
-    if main and s.progress:
-        from tqdm.auto import tqdm
+# ---------------------------------------------------------------- steps
+def train_step(run: Run) -> tuple[float, float, float]:
+    """One optimizer step over plan.accum passes; returns (mean loss across processes,
+    gradient norm before clipping, seconds)."""
+    s, acc, p, plan = run.s, run.accelerator, run.progress, run.plan
+    world, rank = acc.num_processes, acc.process_index
+    t0 = time.perf_counter()
+    torch.manual_seed(hash((s.seed, p.step, rank)) % (2**63))  # dropout: a function of the step
+    loss_sum = 0.0
+    for micro in range(plan.accum):
+        base = p.samples_seen + (micro * world + rank) * s.batch_size
+        rows = wdata.get_blocks(run.train_tokens, [run.sampler.block(base + b) for b in range(s.batch_size)], s.block_size)
+        rows_t = torch.from_numpy(rows).to(acc.device, non_blocking=True)
+        sync = acc.no_sync(run.model) if micro < plan.accum - 1 else nullcontext()
+        with sync, acc.autocast():
+            loss = _loss(run.model, rows_t)
+            acc.backward(loss / plan.accum)
+        loss_sum += loss.item()
+    grad_norm = float(acc.clip_grad_norm_(run.model.parameters(), s.grad_clip)) if s.grad_clip > 0 else float("nan")
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    p.step += 1
+    p.samples_seen += plan.accum * world * s.batch_size
+    p.tokens_seen += plan.tokens_per_step
+    step_loss = float(acc.reduce(torch.tensor(loss_sum / plan.accum, device=acc.device), "mean"))
+    dt = time.perf_counter() - t0
+    p.train_seconds += dt
+    p.losses.append(round(step_loss, 5))
+    return step_loss, grad_norm, dt
 
-        bar = tqdm(total=max_steps, initial=step, unit="step", dynamic_ncols=True, desc="train",
-                   mininterval=0.5 if sys.stderr.isatty() else 30)
-    metrics = open(out / "metrics.jsonl", "a") if main else None
-    train_seconds, reason = elapsed_before, "completed"
-    run_start = time.perf_counter()
+
+def run_eval(run: Run, limit: int | None) -> dict | None:
+    if run.val_tokens is None:
+        return None
+    s, step = run.s, run.progress.step
+    loss = evaluate_loss(run.eval_model, run.val_tokens, s.block_size, s.batch_size, run.accelerator, limit)
+    rec = {"step": step, "val_loss": round(loss, 5), "val_ppl": round(math.exp(min(loss, 50)), 3),
+           "val_tokens": min(len(run.val_tokens) - 1, limit or len(run.val_tokens))}
+    run.log(f"step {step}: validation loss {loss:.4f}, perplexity {rec['val_ppl']:,.2f}")
+    return rec
+
+
+def checkpoint(run: Run, reason: str) -> None:
+    p = run.progress
+    state = {"step": p.step, "max_steps": run.plan.max_steps, "samples_seen": p.samples_seen, "losses": p.losses,
+             "evals": p.evals, "train_seconds": p.train_seconds, "stopped": reason, "tokens_seen": p.tokens_seen,
+             "settings": run.s.model_dump(mode="json")}
+    run.accelerator.wait_for_everyone()
+    if run.main:
+        path = save_checkpoint(run.out, run.raw_model, run.tokenizer, run.optimizer, run.scheduler, state,
+                               run.s.keep_checkpoints)
+        run.log(f"checkpoint {path}")
+    run.accelerator.wait_for_everyone()
+
+
+def agreed_stop(run: Run, wants: bool) -> str | None:
+    """'interrupted', 'time limit' or None, the same on every process (or DDP would hang)."""
+    acc, s = run.accelerator, run.s
+    timed_out = bool(s.max_minutes and time.perf_counter() - run.started > s.max_minutes * 60)
+    flags = torch.tensor([float(wants), float(timed_out)], device=acc.device)
+    flags = acc.reduce(flags, "sum") if acc.num_processes > 1 else flags
+    return "interrupted" if flags[0] > 0 else "time limit" if flags[1] > 0 else None
+
+
+# ---------------------------------------------------------------- the loop
+def train(s: TrainSettings, should_stop: Callable[[int], bool] | None = None) -> dict:
+    """Run training; returns the training report (also written to output_dir/final).
+
+    `should_stop(step)` is polled after every optimizer step (tests use it to interrupt a run
+    at a known step, as a signal would).
+    """
+    run = setup(s)
+    announce(run)
+    reason, signum = loop(run, should_stop)
+    checkpoint(run, reason)
+    if reason == "interrupted":
+        run.log(f"stopped at step {run.progress.step}/{run.plan.max_steps}; continue with --resume")
+        return {"stopped": reason, "step": run.progress.step, **({"signal": signum} if signum else {})}
+    return finish(run, reason)
+
+
+def loop(run: Run, should_stop: Callable[[int], bool] | None) -> tuple[str, int | None]:
+    """Steps until max_steps, a signal, should_stop or the time limit; (reason, signal)."""
+    s, p, max_steps = run.s, run.progress, run.plan.max_steps
+    bar = _progress_bar(run) if run.main and s.progress else None
+    metrics = open(run.out / "metrics.jsonl", "a") if run.main else None
+    reason = None
+    run.started = time.perf_counter()
     with _StopFlag() as stop:
-        while step < max_steps:
-            t0 = time.perf_counter()
-            torch.manual_seed(hash((s.seed, step, rank)) % (2**63))
-            loss_sum = 0.0
-            for micro in range(accum):
-                base = samples_seen + (micro * world + rank) * s.batch_size
-                rows = wdata.get_blocks(train_tokens, [sampler.block(base + b) for b in range(s.batch_size)], s.block_size)
-                rows_t = torch.from_numpy(rows).to(accelerator.device, non_blocking=True)
-                sync = accelerator.no_sync(model) if micro < accum - 1 else nullcontext()
-                with sync, accelerator.autocast():
-                    loss = _loss(model, rows_t)
-                    accelerator.backward(loss / accum)
-                loss_sum += loss.item()
-            if s.grad_clip > 0:
-                grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), s.grad_clip))
-            else:
-                grad_norm = float("nan")
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            samples_seen += accum * world * s.batch_size
-            tokens_seen += tokens_per_step
-            step_loss = float(accelerator.reduce(torch.tensor(loss_sum / accum, device=accelerator.device), "mean"))
-            dt = time.perf_counter() - t0
-            train_seconds += dt
-            history.append(round(step_loss, 5))
-            if bar is not None:
-                bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
-                                tok_s=f"{tokens_per_step / dt:,.0f}", refresh=False)
-                bar.update(1)
-            if metrics is not None:
-                metrics.write(json.dumps({"step": step, "loss": round(step_loss, 5), "lr": scheduler.get_last_lr()[0],
-                                          "grad_norm": round(grad_norm, 4), "tokens_per_s": round(tokens_per_step / dt, 1),
-                                          "time": round(train_seconds, 3)}) + "\n")
-                metrics.flush()
-            if s.eval_interval and step % s.eval_interval == 0 and step < max_steps:
-                rec = run_eval(s.eval_tokens)
+        while p.step < max_steps:
+            loss, grad_norm, dt = train_step(run)
+            _log_step(run, bar, metrics, loss, grad_norm, dt)
+            if s.eval_interval and p.step % s.eval_interval == 0 and p.step < max_steps:
+                rec = run_eval(run, s.eval_tokens)
                 if rec:
-                    evals.append(rec)
-            # Every process must agree to stop at the same step, or DDP would hang.
-            wants = stop.signal is not None or bool(should_stop and should_stop(step))
-            timed_out = bool(s.max_minutes and time.perf_counter() - run_start > s.max_minutes * 60)
-            flags = torch.tensor([float(wants), float(timed_out)], device=accelerator.device)
-            flags = accelerator.reduce(flags, "sum") if world > 1 else flags
-            if flags[0] > 0:
-                reason = "interrupted"
+                    p.evals.append(rec)
+            reason = agreed_stop(run, stop.signal is not None or bool(should_stop and should_stop(p.step)))
+            if reason:
                 break
-            if flags[1] > 0:
-                reason = "time limit"
-                break
-            if s.save_interval and step % s.save_interval == 0 and step < max_steps:
-                checkpoint("periodic")
+            if s.save_interval and p.step % s.save_interval == 0 and p.step < max_steps:
+                checkpoint(run, "periodic")
     if bar is not None:
         bar.close()
     if metrics is not None:
         metrics.close()
-    checkpoint(reason)
-    if reason == "interrupted":
-        if main:
-            print(f"wikigpt train: stopped at step {step}/{max_steps}; continue with --resume", file=sys.stderr)
-        return {"stopped": reason, "step": step, **({"signal": stop.signal} if stop.signal else {})}
+    return reason or "completed", stop.signal
 
-    final_eval = run_eval(None)
-    report = {
-        "stopped": reason, "steps": step, "max_steps": max_steps, "tokens_seen": tokens_seen,
-        "train_seconds": round(train_seconds, 2), "wall_seconds_this_run": round(time.perf_counter() - run_start, 2),
-        "tokens_per_second": round(tokens_seen / train_seconds, 1) if train_seconds else None,
-        "tokens_per_step": tokens_per_step, "grad_accumulation": accum, "processes": world,
-        "device": str(accelerator.device), "precision": precision, "torch": torch.__version__,
-        "n_params": sum(p.numel() for p in raw_model.parameters()),
+
+def _progress_bar(run: Run):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=run.plan.max_steps, initial=run.progress.step, unit="step", dynamic_ncols=True, desc="train",
+                mininterval=0.5 if sys.stderr.isatty() else 30)
+
+
+def _log_step(run: Run, bar, metrics, loss: float, grad_norm: float, dt: float) -> None:
+    lr, tok_s = run.scheduler.get_last_lr()[0], run.plan.tokens_per_step / dt
+    if bar is not None:
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", refresh=False)
+        bar.update(1)
+    if metrics is not None:
+        metrics.write(json.dumps({"step": run.progress.step, "loss": round(loss, 5), "lr": lr,
+                                  "grad_norm": round(grad_norm, 4), "tokens_per_s": round(tok_s, 1),
+                                  "time": round(run.progress.train_seconds, 3)}) + "\n")
+        metrics.flush()
+
+
+def finish(run: Run, reason: str) -> dict:
+    """Final validation, the training report and the final model (output_dir/final)."""
+    final_eval = run_eval(run, None)
+    report = training_report(run, reason, final_eval)
+    if run.main:
+        from .modeling import save_model
+
+        save_model(run.raw_model, run.tokenizer, run.out / "final", sampling=SamplingParams(),
+                   extra_files={"training_report.json": report})
+        ppl = f", validation perplexity {final_eval['val_ppl']:,.2f}" if final_eval else ""
+        run.log(f"{reason}: {report['steps']} steps, {report['tokens_seen']:,} tokens in "
+                f"{report['train_seconds']:,.0f} s ({report['tokens_per_second']:,} tok/s){ppl}; "
+                f"model in {run.out / 'final'}")
+    run.accelerator.wait_for_everyone()
+    return report
+
+
+def training_report(run: Run, reason: str, final_eval: dict | None) -> dict:
+    p, plan, acc = run.progress, run.plan, run.accelerator
+    history, n_train = p.losses, len(run.train_tokens)
+    return {
+        "stopped": reason, "steps": p.step, "max_steps": plan.max_steps, "tokens_seen": p.tokens_seen,
+        "train_seconds": round(p.train_seconds, 2), "wall_seconds_this_run": round(time.perf_counter() - run.started, 2),
+        "tokens_per_second": round(p.tokens_seen / p.train_seconds, 1) if p.train_seconds else None,
+        "tokens_per_step": plan.tokens_per_step, "grad_accumulation": plan.accum, "processes": acc.num_processes,
+        "device": str(acc.device), "precision": run.precision, "torch": torch.__version__,
+        "n_params": sum(q.numel() for q in run.raw_model.parameters()),
         "train_loss_first": history[0] if history else None,
         "train_loss_last10": round(float(np.mean(history[-10:])), 4) if history else None,
         "losses": history if len(history) <= 500 else history[:: math.ceil(len(history) / 500)],
-        "evals": evals, "validation": final_eval,
-        "data": {"source": source.name, "train_tokens": len(train_tokens),
-                 "validation_tokens": len(val_tokens) if val_tokens is not None else 0,
-                 "epochs": round(tokens_seen / len(train_tokens), 3)},
-        "settings": s.model_dump(mode="json"),
+        "evals": p.evals, "validation": final_eval,
+        "data": {"source": run.source.name, "train_tokens": n_train,
+                 "validation_tokens": len(run.val_tokens) if run.val_tokens is not None else 0,
+                 "epochs": round(p.tokens_seen / n_train, 3)},
+        "settings": run.s.model_dump(mode="json"),
     }
-    if main:
-        from .modeling import save_model
-
-        save_model(raw_model, tokenizer, out / "final", sampling=SamplingParams(),
-                   extra_files={"training_report.json": report})
-        ppl = f", validation perplexity {final_eval['val_ppl']:,.2f}" if final_eval else ""
-        print(f"wikigpt train: {reason}: {step} steps, {tokens_seen:,} tokens in {train_seconds:,.0f} s "
-              f"({report['tokens_per_second']:,} tok/s){ppl}; model in {out / 'final'}", file=sys.stderr)
-    accelerator.wait_for_everyone()
-    return report
 
 
 def run(s: TrainSettings) -> int:
