@@ -9,8 +9,9 @@ finish in minutes on a laptop CPU; full-size runs live in the preset files under
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -434,10 +435,42 @@ def build(cls: type[BaseModel], values: dict, preset: str | None = None) -> Base
         raise ConfigError(describe_validation_error(exc)) from None
 
 
-def describe_validation_error(exc: ValidationError) -> str:
+# Where FastAPI found a bad value; it stands first in the error's location, before the field.
+_REQUEST_PARTS = ("body", "query", "path", "header")
+
+
+def field_path(error: Mapping[str, Any]) -> str:
+    """A pydantic error's field as a dotted path (`prompt.0`), without FastAPI's 'body' prefix;
+    '' when the error is about the input as a whole."""
+    loc = list(error.get("loc") or ())
+    if loc and loc[0] in _REQUEST_PARTS:
+        loc = loc[1:]
+    return ".".join(str(p) for p in loc)
+
+
+def describe_validation_error(
+    exc: ValidationError | Sequence[Mapping[str, Any]],
+    *,
+    title: str = "invalid settings",
+    as_flags: bool = True,
+    limit: int | None = None,
+    message: Callable[[str, Mapping[str, Any]], str | None] | None = None,
+) -> str:
+    """One line naming each bad field and why, e.g. 'invalid settings: --max-steps: Input
+    should be greater than or equal to 1'. The one formatter of validation errors: the CLI's
+    (flags) and the API's (body fields, title 'invalid request').
+
+    exc: a pydantic ValidationError, or its .errors() list (FastAPI's RequestValidationError).
+    as_flags: name a field as its CLI flag (--max-new-tokens; 'input' for the whole input);
+    else as its path in the request body (prompt.0; nothing for the whole body).
+    limit: name at most this many errors.
+    message(path, error): a replacement for pydantic's message, or None to keep it.
+    """
+    errors = exc.errors() if isinstance(exc, ValidationError) else list(exc)
     parts = []
-    for err in exc.errors():
-        name = ".".join(str(p) for p in err["loc"]) or "input"
-        flag = "--" + name.replace("_", "-") if err["loc"] else name
-        parts.append(f"{flag}: {err['msg']}")
-    return "invalid settings: " + "; ".join(parts)
+    for err in errors[:limit]:
+        path = field_path(err)
+        msg = (message and message(path, err)) or err.get("msg") or "invalid"
+        name = ("--" + path.replace("_", "-") if path else "input") if as_flags else path
+        parts.append(f"{name}: {msg}" if name else msg)
+    return f"{title}: " + "; ".join(parts)

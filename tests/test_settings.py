@@ -1,0 +1,52 @@
+"""settings.py: the one validation-error formatter, shared fields, the cache dir's default."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import BaseModel, ValidationError
+
+from wikigpt.errors import ConfigError
+from wikigpt.settings import (
+    EvalSettings, ModelSettings, SamplingParams, TrainSettings, build, describe_validation_error, field_path,
+)
+
+
+def errors_of(cls: type[BaseModel], **values) -> ValidationError:
+    with pytest.raises(ValidationError) as info:
+        cls(**values)
+    return info.value
+
+
+def test_cli_form_names_each_bad_setting_as_its_flag():
+    exc = errors_of(SamplingParams, max_new_tokens=0, top_k=-1)
+    assert describe_validation_error(exc) == ("invalid settings: --max-new-tokens: Input should be greater than or "
+                                              "equal to 1; --top-k: Input should be greater than or equal to 0")
+    with pytest.raises(ConfigError, match="^invalid settings: --learning-rate: Input should be greater than 0$"):
+        build(TrainSettings, {"learning_rate": 0})
+
+
+def test_api_form_names_body_fields_and_drops_fastapis_prefix():
+    errors = [{"loc": ("body", "prompt", 0), "msg": "Input should be a valid string", "type": "string_type"},
+              {"loc": ("body", "suffix"), "msg": "Extra inputs are not permitted", "type": "extra_forbidden"},
+              {"loc": ("body",), "msg": "Input should be an object", "type": "model_type"}]
+    assert [field_path(e) for e in errors] == ["prompt.0", "suffix", ""]
+    unknown = lambda path, err: "unknown field" if err["type"] == "extra_forbidden" else None  # noqa: E731
+    assert describe_validation_error(errors, title="invalid request", as_flags=False, message=unknown) == (
+        "invalid request: prompt.0: Input should be a valid string; suffix: unknown field; Input should be an object")
+    assert describe_validation_error(errors, as_flags=False, limit=1).count(";") == 0
+
+
+def test_model_fields_are_declared_once_and_validated_everywhere():
+    for cls in (ModelSettings, TrainSettings, EvalSettings):
+        with pytest.raises(ValidationError, match="must be one of auto, cpu, cuda, cuda:N, mps"):
+            cls(device="tpu")
+    assert TrainSettings.model_fields["model"].description == ModelSettings.model_fields["model"].description
+    assert EvalSettings.model_fields["cache_dir"].description == TrainSettings.model_fields["cache_dir"].description
+
+
+def test_cache_dir_follows_xdg_cache_home(monkeypatch, tmp_path):
+    monkeypatch.delenv("WIKIGPT_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert TrainSettings().cache_dir == EvalSettings().cache_dir == str(tmp_path / "wikigpt" / "data")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert TrainSettings().cache_dir.endswith("/.cache/wikigpt/data") and "~" not in TrainSettings().cache_dir
