@@ -22,14 +22,16 @@ from streamlit.testing.v1 import AppTest
 from wikigpt import ui
 from wikigpt.cli import main as cli_main
 from wikigpt.cli import streamlit_command
+from wikigpt.evalreport import summarize
 from wikigpt.settings import UISettings
 
 from .conftest import free_port
 
 UI_FILE = str(Path(ui.__file__))
+# What GET / of `wikigpt serve` sends (api: "eval" is evalreport.eval_summary of the model folder).
 HEALTH = {"status": "ok", "model": "tiny-wiki", "n_params": 124_439_808, "context_length": 1024,
-          "eval": {"format": 1, "latest": {"perplexity": 31.25, "data": "wikitext-103-raw", "split": "test",
-                                           "n_tokens": 280_000, "complete": True}}}
+          "eval": summarize({"format": 1, "latest": {"perplexity": 31.25, "data": "wikitext-103-raw", "split": "test",
+                                                     "n_tokens": 280_000, "complete": True, "window": 1024}})}
 
 
 class ScriptedBackend:
