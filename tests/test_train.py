@@ -86,7 +86,8 @@ def test_smoke_run_loss_falls_and_writes_a_servable_model(tiny_model_dir, wiki_f
 
 
 def test_interrupted_then_resumed_equals_uninterrupted(tiny_model_dir, wiki_file, tmp_path):
-    from wikigpt.train import list_checkpoints, train
+    from wikigpt.checkpoints import list_checkpoints
+    from wikigpt.train import train
 
     kw = dict(max_steps=6, save_interval=0, eval_interval=0, tokens_per_step=1024)  # 4 passes per step
     full = train(settings(tiny_model_dir, wiki_file, tmp_path / "a", **kw))
@@ -131,7 +132,7 @@ def test_signal_saves_a_loadable_checkpoint_and_exits_cleanly(sig, code, tiny_mo
     assert "Traceback" not in err and "continue with --resume" in err
     from wikigpt.modeling import load_model
     from wikigpt.settings import ModelSettings
-    from wikigpt.train import list_checkpoints
+    from wikigpt.checkpoints import list_checkpoints
 
     (ckpt,) = list_checkpoints(run)
     state = json.loads((ckpt / "trainer_state.json").read_text())
@@ -167,7 +168,8 @@ def test_sigkill_at_any_moment_then_resume_equals_uninterrupted(tiny_model_dir, 
     """SIGKILL mid-checkpoint-write and mid-run, then --resume: the same final weights as a run
     never interrupted; half-written folders are never resumed from and are deleted; exactly
     --keep-checkpoints folders remain."""
-    from wikigpt.train import list_checkpoints, train
+    from wikigpt.checkpoints import list_checkpoints
+    from wikigpt.train import train
 
     steps, keep = 12, 2
     full = train(settings(tiny_model_dir, wiki_file, tmp_path / "a", max_steps=steps, save_interval=1,

@@ -18,13 +18,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .checkpoints import STATE_FILE, list_checkpoints
 from .errors import ConfigError
 from .evalreport import read_eval_report, result_key
 from .evaluate import fmt_ppl
 from .settings import ReportSettings
 
 TRAINING_REPORT = "training_report.json"
-TRAINER_STATE = "trainer_state.json"  # train.py's checkpoint state
 
 
 def find_model_dir(run_dir: Path, model: str | None) -> Path:
@@ -32,8 +32,7 @@ def find_model_dir(run_dir: Path, model: str | None) -> Path:
     is still going or was interrupted (its report says so)."""
     if model:
         return Path(model).expanduser()
-    checkpoints = sorted((run_dir / "checkpoints").glob("step-*"), reverse=True)
-    for candidate in (run_dir / "final", run_dir, *checkpoints):
+    for candidate in (run_dir / "final", run_dir, *reversed(list_checkpoints(run_dir))):
         if (candidate / "config.json").is_file():
             return candidate
     raise ConfigError(f"{run_dir} holds no model (no final/config.json and no checkpoint): pass the model "
@@ -42,13 +41,13 @@ def find_model_dir(run_dir: Path, model: str | None) -> Path:
 
 def read_training_report(run_dir: Path, model_dir: Path) -> dict | None:
     """final/training_report.json, or for a checkpoint the trainer state it was saved with."""
-    for path in (model_dir / TRAINING_REPORT, run_dir / TRAINING_REPORT, model_dir / TRAINER_STATE):
+    for path in (model_dir / TRAINING_REPORT, run_dir / TRAINING_REPORT, model_dir / STATE_FILE):
         if path.is_file():
             try:
                 report = json.loads(path.read_text())
             except ValueError as exc:
                 raise ConfigError(f"{path} is not valid JSON ({exc})") from None
-            if path.name == TRAINER_STATE:  # same fields as the final report, under other names
+            if path.name == STATE_FILE:  # same fields as the final report, under other names
                 step = report.get("step") or 0
                 report |= {"steps": step, "tokens_per_step": report.get("tokens_seen", 0) // max(1, step),
                            "stopped": f"checkpoint at step {step}, run {report.get('stopped', 'unfinished')}"}

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import signal
 import sys
@@ -33,14 +32,13 @@ import torch
 import torch.nn.functional as F
 
 from . import data as wdata
+from .checkpoints import (
+    CHECKPOINTS, OPTIMIZER_FILE, STATE_FILE, list_checkpoints, optimizer_from_safetensors, remove_partial_checkpoints,
+    save_checkpoint, truncate_metrics,
+)
 from .errors import ConfigError
 from .modeling import bf16_pays, context_length, resolve_device
 from .settings import PrepareSettings, SamplingParams, TrainSettings
-
-CHECKPOINTS = "checkpoints"
-OPTIMIZER_FILE = "optimizer.safetensors"
-STATE_FILE = "trainer_state.json"
-
 
 # ---------------------------------------------------------------- precision and devices
 def device_type(name: str) -> str:
@@ -63,100 +61,6 @@ def resolve_precision(name: str, device_type: str) -> str:
     if name == "fp16" and device_type == "cpu":
         raise ConfigError("--precision fp16 needs a GPU; on CPU use bf16 (with AMX) or fp32")
     return name
-
-
-# ---------------------------------------------------------------- optimizer state <-> safetensors
-def optimizer_to_safetensors(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split an optimizer state_dict into tensors (for safetensors) and JSON scalars."""
-    tensors, scalars = {}, {}
-    for pid, entry in state["state"].items():
-        for key, value in entry.items():
-            if torch.is_tensor(value):
-                tensors[f"state.{pid}.{key}"] = value
-            else:
-                scalars.setdefault(str(pid), {})[key] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
-
-
-def optimizer_from_safetensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict] = {}
-    for name, value in tensors.items():
-        _, pid, key = name.split(".", 2)
-        state.setdefault(int(pid), {})[key] = value
-    for pid, entry in meta["scalars"].items():
-        state.setdefault(int(pid), {}).update(entry)
-    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
-    return {"state": state, "param_groups": groups}
-
-
-# ---------------------------------------------------------------- checkpoints
-# A checkpoint folder appears only complete: save_model writes into a hidden temporary sibling
-# and renames it into place, and an old one is renamed to a hidden name before it is deleted.
-# So a process killed at any moment leaves step-* folders that are whole plus, at worst, hidden
-# leftovers, which the next start deletes.
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    """The complete checkpoints in output_dir, oldest first."""
-    root = output_dir / CHECKPOINTS
-    found = [p for p in root.glob("step-*") if _complete(p)] if root.is_dir() else []
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
-
-
-def _complete(path: Path) -> bool:
-    return all((path / name).is_file() for name in (STATE_FILE, OPTIMIZER_FILE, "model.safetensors"))
-
-
-def remove_partial_checkpoints(output_dir: Path) -> list[Path]:
-    """Delete what a killed run left half-written: hidden temporaries of checkpoints and of
-    final/, and step-* folders that are not complete. Returns what was deleted."""
-    root = output_dir / CHECKPOINTS
-    leftovers = [*output_dir.glob(".final.*"), *output_dir.glob(".metrics.jsonl.*")]
-    if root.is_dir():
-        leftovers += [p for p in root.iterdir() if p.name.startswith(".") or not _complete(p)]
-    for path in leftovers:
-        _delete(path)
-    return leftovers
-
-
-def _delete(path: Path) -> None:
-    """Rename, then delete: a kill during the deletion leaves a hidden folder, not a step-* one."""
-    trash = path.with_name(f".{path.name.lstrip('.')}.trash-{os.getpid()}")
-    try:
-        os.replace(path, trash)
-    except OSError:
-        trash = path
-    if trash.is_dir():
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        trash.unlink(missing_ok=True)
-
-
-def save_checkpoint(output_dir: Path, model, tokenizer, optimizer, scheduler, state: dict, keep: int) -> Path:
-    from .modeling import save_model
-
-    tensors, opt_meta = optimizer_to_safetensors(optimizer.state_dict())
-    payload = {**state, "optimizer": opt_meta, "scheduler": scheduler.state_dict()}
-    path = save_model(model, tokenizer, output_dir / CHECKPOINTS / f"step-{state['step']:07d}",
-                      extra_files={STATE_FILE: payload}, extra_tensors={OPTIMIZER_FILE: tensors})
-    for old in list_checkpoints(output_dir)[:-keep]:
-        _delete(old)
-    return path
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Keep metrics.jsonl's records up to `step` (the resumed checkpoint's): the steps after it
-    are trained again, and a line cut short by a kill would otherwise be glued to the next."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if int(json.loads(line)["step"]) <= step:
-                kept.append(line + "\n")
-        except (ValueError, KeyError, TypeError):
-            continue
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- model and data set-up
