@@ -232,7 +232,9 @@ class Engine:
         reason = unsupported_reason(model)
         if reason is None:
             head = model.get_output_embeddings().weight.detach().to(self.dtype)
-            self.kernels = choose_kernels(head, compile=self.compile, batch=slots)
+            cfg = model.config
+            self.kernels = choose_kernels(head, compile=self.compile, batch=slots, heads=cfg.n_head,
+                                          head_dim=cfg.n_embd // cfg.n_head)
             cache = SlotKVCache(model.config.n_layer, slots, model.config.n_head, self.context_length,
                                 model.config.n_embd // model.config.n_head, self.dtype, self.lm.device)
             self.forward = GPT2Forward(model, cache, self.dtype, self.kernels)

@@ -63,6 +63,7 @@ class GPT2Forward:
         sd = {k: v.detach() for k, v in model.state_dict().items()}
         self.cache, self.dtype, self.kernels = cache, dtype, kernels
         self.n_head, self.dim = cfg.n_head, cfg.n_embd
+        self.scale = (cfg.n_embd // cfg.n_head) ** -0.5
         self.eps = cfg.layer_norm_epsilon
         self.act = _ACTIVATIONS[cfg.activation_function]
         self.device = next(model.parameters()).device
@@ -119,7 +120,7 @@ class GPT2Forward:
         pos_list = lengths[:n]
         pos = torch.tensor(pos_list, device=self.device)
         span = max(pos_list) + 1  # attend over [0, longest row]; shorter rows are masked
-        mask = (torch.arange(span, device=self.device)[None] <= pos[:, None])[:, None, None]
+        mask = (torch.arange(span, device=self.device)[None] <= pos[:, None])[:, None]  # [n, 1, span]
         h, hd = self.n_head, self.dim // self.n_head
         rows = torch.arange(n, device=self.device)
         x = self.wte[ids] + self.wpe[pos]
@@ -128,9 +129,8 @@ class GPT2Forward:
             keys, values = self.cache.keys[layer], self.cache.values[layer]
             keys[rows, :, pos] = k
             values[rows, :, pos] = v
-            y = F.scaled_dot_product_attention(q[:, :, None], keys[:n, :, :span], values[:n, :, :span],
-                                               attn_mask=mask)
-            x = x + b.attn_proj(y.view(n, self.dim))
+            y = self.kernels.attention(q, keys[:n, :, :span], values[:n, :, :span], mask, self.scale)
+            x = x + b.attn_proj(y.reshape(n, self.dim))
             x = self._mlp(x, b)
         for s in slots:
             lengths[s] += 1
