@@ -8,6 +8,6 @@
 """
 
 from .core import Engine, RequestStream
-from .output import Chunk, RequestOutput
+from .output import Chunk, RequestOutput, TokenLogprob
 
-__all__ = ["Chunk", "Engine", "RequestOutput", "RequestStream"]
+__all__ = ["Chunk", "Engine", "RequestOutput", "RequestStream", "TokenLogprob"]

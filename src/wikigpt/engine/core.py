@@ -34,7 +34,7 @@ from .gpt2 import GPT2Forward, unsupported_reason
 from .hf import HFForward
 from .kernels import Kernels, choose_kernels
 from .kv_cache import SlotKVCache
-from .output import Chunk, RequestOutput
+from .output import Chunk, RequestOutput, token_logprobs
 from .sampling import RowSampling, sample
 
 log = logging.getLogger("wikigpt.engine")
@@ -42,6 +42,7 @@ log = logging.getLogger("wikigpt.engine")
 # Most prompt tokens prefilled in one step: bounds how long running streams stall while new
 # requests are admitted (4,096 tokens of DistilGPT2 = 0.7 TFLOP, about a second on 2 cores).
 MAX_PREFILL_TOKENS = 4096
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's completions API allows
 _ids = itertools.count(1)
 
 
@@ -55,6 +56,9 @@ class _Request:
     out: asyncio.Queue
     output: RequestOutput
     sampling: RowSampling
+    logprobs: int | None = None  # top alternatives per scored token; None: no scores
+    echo: bool = False  # also score the prompt
+    score_only: bool = False  # score the prompt, generate nothing
     cancelled: bool = False
     slot: int = -1
     last: int = 0  # the next input token
@@ -167,14 +171,25 @@ class Engine:
         return self._encoder.encode(text)
 
     def submit(self, prompt: str | list[int], params: SamplingParams, *, ignore_eos: bool = False,
-               max_tokens_name: str = "max_new_tokens") -> RequestStream:
-        """Queue a request (call on the event loop). Raises OverloadedError when the queue is full."""
+               max_tokens_name: str = "max_new_tokens", logprobs: int | None = None, echo: bool = False,
+               score_only: bool = False) -> RequestStream:
+        """Queue a request (call on the event loop). Raises OverloadedError when the queue is full.
+
+        `logprobs=N` scores each generated token with its N best alternatives; `echo` scores the
+        prompt too (only these requests pay for logits at every prompt position); `score_only`
+        generates nothing: one chunk with the prompt's scores."""
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+            raise InvalidRequestError(f"logprobs must be between 0 and {MAX_LOGPROBS}", param="logprobs")
+        if score_only:
+            params = params.model_copy(update={"max_new_tokens": 1})  # the context check below
         self._check(ids, params, max_tokens_name)
         gen = torch.Generator(device=self.lm.device)
         gen.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
         req = _Request(next(_ids), ids, params, ignore_eos, asyncio.get_running_loop(), asyncio.Queue(),
-                       RequestOutput(self._decode, params.stop, len(ids)), RowSampling(params, gen))
+                       RequestOutput(self._decode, params.stop, len(ids)), RowSampling(params, gen),
+                       logprobs=0 if score_only and logprobs is None else logprobs,
+                       echo=score_only or (echo and logprobs is not None), score_only=score_only)
         with self._cond:
             if self._stopping:
                 raise OverloadedError("the server is shutting down", retry_after=5)
@@ -313,13 +328,19 @@ class Engine:
             last = torch.tensor([r.last for r in running], device=dev)
             logits.append(self.forward.decode([r.slot for r in running], last))
         if new:
-            for r in new:
-                r.slot = self.forward.allocate()
-                self._history[r.slot] = r.prompt_ids[0]  # padding that is a no-op for the penalty
-                self._history[r.slot, :len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
-            logits.append(self.forward.prefill([r.slot for r in new], [r.prompt_ids for r in new]))
-        rows = running + new
-        tokens = self._sample(rows, torch.cat(logits))
+            new, first = self._prefill(new)
+            logits.append(first)
+        rows, logits = running + new, torch.cat(logits)
+        scored_only = [r for r in new if r.score_only]
+        if scored_only:  # prompt scores are all they asked for: done before any sampling
+            for r in scored_only:
+                r.push(r.output.chunk("", "length"))
+            self.forward.release([r.slot for r in scored_only])
+            keep = [i for i, r in enumerate(rows) if not r.score_only]
+            rows, logits = [rows[i] for i in keep], logits[keep]
+            if not rows:
+                return
+        tokens = self._sample(rows, logits)
         self._running = [r for r, t in zip(rows, tokens) if self._advance(r, t)]
         done = [r.slot for r in rows if r not in self._running]
         if done:
@@ -329,15 +350,39 @@ class Engine:
         if self.on_step is not None:
             self.on_step(len(rows), sum(len(r.prompt_ids) for r in new), time.perf_counter() - t0)
 
+    def _prefill(self, new: list[_Request]) -> tuple[list[_Request], torch.Tensor]:
+        """Give new requests a slot and prefill them: plain ones keep the last position's
+        logits only, those that asked for prompt scores keep every position's."""
+        for r in new:
+            r.slot = self.forward.allocate()
+            self._history[r.slot] = r.prompt_ids[0]  # padding that is a no-op for the penalty
+            self._history[r.slot, :len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
+        plain, echo = [r for r in new if not r.echo], [r for r in new if r.echo]
+        first = []
+        if plain:
+            first.append(self.forward.prefill([r.slot for r in plain], [r.prompt_ids for r in plain]))
+        if echo:
+            every = self.forward.prefill([r.slot for r in echo], [r.prompt_ids for r in echo], every_position=True)
+            for r, logits in zip(echo, every):
+                scores = token_logprobs(self._decode, logits[:-1].log_softmax(-1), r.prompt_ids[1:], r.logprobs)
+                r.output.prompt_logprobs = [None, *scores]  # the first token has no context to score
+            first.append(torch.stack([logits[-1] for logits in every]))
+        return plain + echo, torch.cat(first)
+
     def _sample(self, rows: list[_Request], logits: torch.Tensor) -> list[int]:
         slots = torch.tensor([r.slot for r in rows], device=logits.device)
         lengths = [len(r.prompt_ids) + len(r.output.tokens) for r in rows]
         seen = None
         if any(r.params.repetition_penalty != 1.0 for r in rows):
             seen = self._history[slots, :max(lengths)]
+        scored = [i for i, r in enumerate(rows) if r.logprobs is not None]
+        raw = logits[scored].log_softmax(-1) if scored else None  # before sample() edits logits
         tokens = sample(logits, [r.sampling for r in rows], seen)
         self._history[slots, torch.tensor(lengths, device=logits.device)] = tokens
-        return tokens.tolist()
+        ids = tokens.tolist()
+        for j, i in enumerate(scored):
+            rows[i].output.pending += token_logprobs(self._decode, raw[j:j + 1], [ids[i]], rows[i].logprobs)
+        return ids
 
     def _advance(self, r: _Request, token: int) -> bool:
         """Record one sampled token and stream its text; False when the request is over."""
@@ -345,6 +390,8 @@ class Engine:
             return False
         out = r.output
         if token == self.eos_id and not r.ignore_eos:
+            if r.logprobs is not None:
+                out.pending.pop()  # EOS ends the output; it is not part of it
             r.push(out.chunk(out.finish(), "stop"))
             return False
         text = out.append(token)

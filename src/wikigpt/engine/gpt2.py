@@ -83,9 +83,10 @@ class GPT2Forward:
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self._norm(x, self.ln_f)).float()
 
-    def prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
+    def prefill(self, slots: list[int], prompts: list[list[int]], every_position: bool = False):
         """Run the prompts (right-padded into one batch), store their keys and values in their
-        slots and return the logits of each prompt's last token [n, vocab]."""
+        slots and return the logits of each prompt's last token [n, vocab], or with
+        `every_position` a list of each prompt's logits at all of its positions [len, vocab]."""
         n, width = len(prompts), max(len(p) for p in prompts)
         ids = torch.zeros(n, width, dtype=torch.long)
         for i, p in enumerate(prompts):
@@ -105,6 +106,8 @@ class GPT2Forward:
             x = self._mlp(x, b)
         for s, p in zip(slots, prompts):
             self.cache.lengths[s] = len(p)
+        if every_position:
+            return [self._logits(x[i * width:i * width + len(p)]) for i, p in enumerate(prompts)]
         last = torch.tensor([i * width + len(p) - 1 for i, p in enumerate(prompts)], device=self.device)
         return self._logits(x[last])
 

@@ -92,7 +92,7 @@ class HFForward:
         self.pos = self.pos + 1
         return out.logits[order, -1].float()
 
-    def prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
+    def prefill(self, slots: list[int], prompts: list[list[int]], every_position: bool = False):
         n, width = len(prompts), max(len(p) for p in prompts)
         ids = torch.full((n, width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((n, width), dtype=torch.long)
@@ -103,8 +103,10 @@ class HFForward:
         cache = DynamicCache(config=self.model.config)
         cache.layers = [_GrowingLayer() for _ in cache.layers]
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
-                         cache=cache, use_cache=True, logits_to_keep=1)
+                         cache=cache, use_cache=True, logits_to_keep=0 if every_position else 1)
         self._merge(slots, cache, mask, mask.sum(1))
+        if every_position:  # left padding: prompt i fills the last len(prompt i) positions
+            return [out.logits[i, width - len(p):].float() for i, p in enumerate(prompts)]
         return out.logits[:, -1].float()
 
     def _merge(self, slots: list[int], cache: DynamicCache, mask: torch.Tensor, pos: torch.Tensor) -> None:

@@ -10,9 +10,22 @@ whatever the reason a request ends (EOS, a stop string, the length limit, cancel
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import torch
 
 from ..generation import ContinuationFilter
+
+
+@dataclass
+class TokenLogprob:
+    """One token's log-probability under the model's raw distribution (before repetition
+    penalty, temperature, top-k and top-p), with the most likely alternatives."""
+
+    token_id: int
+    text: str  # the token decoded on its own ("\ufffd" for part of a multi-byte character)
+    logprob: float
+    top: list[tuple[str, float]] = field(default_factory=list)  # best first
 
 
 @dataclass
@@ -23,6 +36,22 @@ class Chunk:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # tokens sampled since the last chunk
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # first chunk, when echo was asked
+
+
+def token_logprobs(decode: Callable[[list[int]], str], logprobs: torch.Tensor, ids: list[int],
+                   top_n: int) -> list[TokenLogprob]:
+    """TokenLogprobs of `ids` from log-softmaxed rows [len(ids), vocab] (row i scores ids[i])."""
+    chosen = logprobs.gather(1, torch.tensor(ids, device=logprobs.device)[:, None])[:, 0].tolist()
+    tops = logprobs.topk(top_n, -1) if top_n else None
+    out = []
+    for i, (t, lp) in enumerate(zip(ids, chosen)):
+        top = []
+        if tops is not None:
+            top = [(decode([j]), v) for j, v in zip(tops.indices[i].tolist(), tops.values[i].tolist())]
+        out.append(TokenLogprob(t, decode([t]), lp, top))
+    return out
 
 
 class RequestOutput:
@@ -40,6 +69,8 @@ class RequestOutput:
         self.filter = ContinuationFilter(stop)
         self.prompt_tokens = prompt_tokens
         self.tokens: list[int] = []
+        self.pending: list[TokenLogprob] = []  # scored tokens not yet handed out in a chunk
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
         self._prefix = 0
         self._read = 0
 
@@ -60,7 +91,9 @@ class RequestOutput:
         return text + self.filter.finish()
 
     def chunk(self, text: str, finish_reason: str | None = None) -> Chunk:
-        return Chunk(text, finish_reason, self.prompt_tokens, len(self.tokens))
+        c = Chunk(text, finish_reason, self.prompt_tokens, len(self.tokens), self.pending, self.prompt_logprobs)
+        self.pending, self.prompt_logprobs = [], None
+        return c
 
     def _new_text(self, final: bool) -> str:
         if self._read == len(self.tokens):
