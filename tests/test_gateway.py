@@ -260,3 +260,24 @@ def test_an_upstream_that_is_down_from_the_start(tmp_path):
             assert c.get("/").json()["ready"] is False
     finally:
         srv.close()
+
+
+def test_the_vllm_compose_override_runs_vllm_and_the_backend_in_upstream_mode():
+    """docker-compose.vllm.yml as Compose merges it over docker-compose.yml (the Docker test of
+    the GPU stack needs GPUs; this checks what the file says)."""
+    import yaml
+
+    from tests.conftest import REPO
+
+    base = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+    over = yaml.safe_load((REPO / "docker-compose.vllm.yml").read_text())["services"]
+    vllm, backend = over["vllm"], over["backend"]
+    script = vllm["entrypoint"][-1]
+    assert "vllm.entrypoints.openai.api_server" in script and "--port 8000" in script
+    for flag, var in (("--data-parallel-size", "VLLM_DP"), ("--tensor-parallel-size", "VLLM_TP")):
+        assert f'{flag} "$${var}"' in script and vllm["environment"][var] == f"${{{var}:-1}}"
+    assert vllm["environment"]["WIKIGPT_MODEL"] == base["backend"]["environment"]["WIKIGPT_MODEL"]
+    assert vllm["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    assert backend["command"][backend["command"].index("--upstream") + 1] == "http://vllm:8000"
+    assert "/ready" in " ".join(backend["healthcheck"]["test"]) and "ui" not in over  # the UI unchanged
+    assert base["ui"]["depends_on"]["backend"]["condition"] == "service_healthy"

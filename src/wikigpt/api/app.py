@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import math
-import os
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -15,6 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
+from ..evalreport import eval_summary
 from ..errors import (AuthenticationError, InvalidRequestError, MethodNotAllowedError, NotFoundError,
                       OverloadedError, WikigptError)
 from ..settings import ServeSettings
@@ -31,7 +30,8 @@ OPEN_PATHS = frozenset({"/", "/health", "/ready"})  # health checks: no API key
 def create_app(settings: ServeSettings, client: EngineClient) -> FastAPI:
     """The FastAPI app serving `client`; starts it on startup and stops it on shutdown."""
     metrics = Metrics(client)
-    serving = Serving(settings, client, metrics, _eval_summary(settings.model) if not settings.upstream else None)
+    # the model's measured perplexity (MODEL_DIR/eval_report.json), shown by the UI; none upstream
+    serving = Serving(settings, client, metrics, None if settings.upstream else eval_summary(settings.model))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -103,15 +103,3 @@ def _add_error_handlers(app: FastAPI) -> None:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return JSONResponse(error_body(WikigptError("internal server error")), status_code=500)
 
-
-def _eval_summary(model: str) -> dict | None:
-    """The latest measurement in MODEL_DIR/eval_report.json (written by `wikigpt evaluate`), if any."""
-    from ..evaluate import read_eval_report
-
-    report = read_eval_report(model) if os.path.isdir(model) else None
-    latest = report.get("latest") if isinstance(report, dict) else None
-    if not isinstance(latest, dict):
-        return None
-    keys = ("perplexity", "word_perplexity", "bits_per_byte", "data", "split", "n_tokens", "complete", "measured_at")
-    # JSON has no NaN (a text without words has no word perplexity): such values are left out.
-    return {k: latest[k] for k in keys if k in latest and not (isinstance(latest[k], float) and not math.isfinite(latest[k]))}
