@@ -20,11 +20,11 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 
-from ..errors import (NotReadyError, OverloadedError, UpstreamError, UpstreamRejectedError,
+from ..errors import (InvalidRequestError, NotReadyError, OverloadedError, UpstreamError, UpstreamRejectedError,
                       UpstreamTimeoutError, WikigptError)
 from ..generation import ContinuationFilter
 from ..settings import SamplingParams, ServeSettings
@@ -39,6 +39,8 @@ class Chunk:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: list = field(default_factory=list)  # token scores are not forwarded (yet): none
+    prompt_logprobs: list | None = None
 
 
 @dataclass
@@ -95,7 +97,11 @@ class UpstreamClient:
             asyncio.run_coroutine_threadsafe(self._close(), self._loop).result(10)
 
     def submit(self, prompt: str | list[int], params: SamplingParams, *, ignore_eos: bool = False,
-               max_tokens_name: str = "max_new_tokens") -> UpstreamStream:
+               max_tokens_name: str = "max_new_tokens", logprobs: int | None = None, echo: bool = False,
+               score_only: bool = False) -> UpstreamStream:
+        if logprobs is not None or score_only:
+            raise InvalidRequestError("logprobs (and max_tokens 0) are not forwarded to the upstream "
+                                      "by this server: leave them out", param="logprobs")
         if not self.lm.name:
             raise NotReadyError(self.not_ready_reason, retry_after=5)
         if self.in_flight >= self.max_in_flight:
