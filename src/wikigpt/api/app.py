@@ -19,7 +19,7 @@ from ..errors import (AuthenticationError, InvalidRequestError, MethodNotAllowed
 from ..settings import ServeSettings
 from .client import EngineClient
 from .metrics import AccessLog, Metrics
-from .protocol import error_body
+from .protocol import error_body, invalid
 from .routes import add_routes
 from .serving import Serving
 
@@ -94,9 +94,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation(request: Request, exc: RequestValidationError):
-        parts = [f"{'.'.join(str(p) for p in e.get('loc', ()) if p not in ('body', 'query', 'path'))}: "
-                 f"{e.get('msg', 'invalid')}" for e in exc.errors()]
-        return await typed(request, InvalidRequestError("invalid request: " + "; ".join(parts[:5])))
+        return await typed(request, invalid(exc))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):

@@ -9,13 +9,15 @@ failure becomes a typed error from errors.py rendered in OpenAI's error shape.
 from __future__ import annotations
 
 import json
-from typing import TypeVar
+from collections.abc import Mapping
+from typing import Any, TypeVar
 
 from fastapi import Request
+from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..errors import InvalidRequestError, PayloadTooLargeError, WikigptError
-from ..settings import SamplingParams
+from ..settings import SamplingParams, describe_validation_error, field_path
 
 Schema = TypeVar("Schema", bound=BaseModel)
 
@@ -102,21 +104,22 @@ _UNSUPPORTED = {"logprobs": "null", "suffix": "null", "presence_penalty": "0", "
                 "logit_bias": "{}"}
 
 
-def invalid(exc: ValidationError) -> InvalidRequestError:
+def invalid(exc: ValidationError | RequestValidationError) -> InvalidRequestError:
     """A 400 naming each bad field in the body's own terms (`text`, not `--text`)."""
-    parts, param = [], None
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"])
-        param = param or loc or None
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown field"
-        elif loc in _UNSUPPORTED:
-            msg = f"not supported by this server (leave it out or send {_UNSUPPORTED[loc]})"
-        elif err["type"] == "missing":
-            msg = "field required"
-        parts.append(f"{loc}: {msg}" if loc else msg)
-    return InvalidRequestError("invalid request: " + "; ".join(parts[:5]), param=param)
+    errors = exc.errors()
+    param = next((path for e in errors if (path := field_path(e))), None)
+    return InvalidRequestError(describe_validation_error(errors, title="invalid request", as_flags=False, limit=5,
+                                                         message=_message), param=param)
+
+
+def _message(path: str, err: Mapping[str, Any]) -> str | None:
+    if err["type"] == "extra_forbidden":
+        return "unknown field"
+    if path in _UNSUPPORTED:
+        return f"not supported by this server (leave it out or send {_UNSUPPORTED[path]})"
+    if err["type"] == "missing":
+        return "field required"
+    return None
 
 
 def error_body(exc: WikigptError) -> dict:
