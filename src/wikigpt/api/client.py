@@ -16,12 +16,19 @@ from ..settings import SamplingParams
 
 
 class Chunk(Protocol):
-    """A piece of one completion's text; the last one has `finish_reason` set."""
+    """A piece of one completion's text; the last one has `finish_reason` set.
+
+    With `logprobs` asked for, `logprobs` scores the tokens sampled since the previous chunk
+    and the first chunk's `prompt_logprobs` the prompt's (with `echo`; its first entry has no
+    score). A score has `text`, `logprob` and `top` [(text, logprob), ...], like the engine's
+    `TokenLogprob`."""
 
     text: str
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list[Any]
+    prompt_logprobs: list[Any] | None
 
 
 class CompletionStream(Protocol):
@@ -70,7 +77,11 @@ class EngineClient(Protocol):
     def batch_size(self) -> int: ...
 
     def submit(self, prompt: str | list[int], params: SamplingParams, *, ignore_eos: bool = False,
-               max_tokens_name: str = "max_new_tokens") -> CompletionStream: ...
+               max_tokens_name: str = "max_new_tokens", logprobs: int | None = None, echo: bool = False,
+               score_only: bool = False) -> CompletionStream:
+        """`logprobs=N` scores each generated token with its N best alternatives, `echo` the
+        prompt too, `score_only` generates nothing (one chunk with the prompt's scores)."""
+        ...
 
     def start(self) -> Any: ...
 

@@ -48,7 +48,8 @@ class CompletionRequest(BaseModel):
 
     model: str | None = None
     prompt: str | list[str] | list[int] | list[list[int]] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1, le=4096)
+    max_tokens: int | None = Field(None, ge=0, le=4096)
+    """0 (with `echo`) generates nothing: the answer is the prompt, scored when `logprobs` is set."""
     temperature: float | None = Field(None, ge=0.0, le=5.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=0, le=100_000)
@@ -62,7 +63,9 @@ class CompletionRequest(BaseModel):
     ignore_eos: bool = False
     """Keep generating past the end-of-text token (benchmarks use it for fixed lengths)."""
     user: str | None = None
-    logprobs: None = None
+    logprobs: int | None = Field(None, ge=0, le=20)
+    """Return each token's log-probability and its N most likely alternatives (OpenAI's legacy
+    `logprobs` object); with `echo`, the prompt's tokens are scored too."""
     suffix: None = None
     best_of: int | None = Field(None, ge=1, le=16)
     presence_penalty: float = Field(0.0, ge=0.0, le=0.0)
@@ -91,7 +94,7 @@ class CompletionRequest(BaseModel):
         """Choice `index`'s parameters: ours where a field is omitted; seeds differ per choice."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         values = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                      repetition_penalty=self.repetition_penalty, max_new_tokens=self.max_tokens,
+                      repetition_penalty=self.repetition_penalty, max_new_tokens=self.max_tokens or None,
                       seed=None if self.seed is None else (self.seed + index) % 2**63, stop=stop)
         try:
             return SamplingParams(**{k: v for k, v in values.items() if v is not None})
@@ -100,7 +103,7 @@ class CompletionRequest(BaseModel):
 
 
 # Accepted by OpenAI, refused here: what a client may send instead.
-_UNSUPPORTED = {"logprobs": "null", "suffix": "null", "presence_penalty": "0", "frequency_penalty": "0",
+_UNSUPPORTED = {"suffix": "null", "presence_penalty": "0", "frequency_penalty": "0",
                 "logit_bias": "{}"}
 
 

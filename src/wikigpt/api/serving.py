@@ -12,6 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
@@ -21,6 +22,7 @@ from .. import __version__
 from ..errors import EngineError, InvalidRequestError, ModelNotFoundError, OverloadedError, WikigptError
 from ..settings import SamplingParams, ServeSettings
 from .client import CompletionStream, EngineClient, engine_facts
+from .logprobs import echo_of, logprobs_object, prompt_scores
 from .metrics import Metrics
 from .protocol import CompletionRequest, PredictRequest, error_body, read_body
 
@@ -63,11 +65,11 @@ class Serving:
         started = time.perf_counter()
         req = await read_body(request, PredictRequest, self.settings.max_body_bytes)
         streams = self._submit([(req.text, req.sampling())], False, "max_new_tokens")
-        texts = await self._collect(request, streams, started)
-        if texts is None:
+        outs = await self._collect(request, streams, started)
+        if outs is None:
             return Response(status_code=499)  # nginx's "client closed request": nobody reads it
         s = streams[0]
-        return {"predictions": req.text + texts[0], "model": self.name, "finish_reason": s.finish_reason,
+        return {"predictions": req.text + outs[0].text, "model": self.name, "finish_reason": s.finish_reason,
                 "usage": _usage(streams, 1)}
 
     async def completions(self, request: Request) -> Any:
@@ -77,20 +79,26 @@ class Serving:
         if req.best_of is not None and req.best_of != req.n:
             raise InvalidRequestError("best_of is not supported (leave it out or set it equal to n)", param="best_of")
         prompts, n = req.prompts, req.n
+        scoring, scored = _scoring(req), req.logprobs is not None
         jobs = [(p, req.sampling(i * n + j)) for i, p in enumerate(prompts) for j in range(n)]
         cap = self.client.max_batch_size
         if len(jobs) > cap:
             raise InvalidRequestError(f"the request asks for {len(jobs)} completions (prompts x n); this "
                                       f"server generates at most {cap} per request", param="n")
-        echoes = [self._echo(p) if req.echo else "" for p in prompts for _ in range(n)]
-        streams = self._submit(jobs, req.ignore_eos, "max_tokens")
+        echoes = [self._echo(p, scored) if req.echo else "" for p in prompts for _ in range(n)]
+        streams = self._submit(jobs, req.ignore_eos, "max_tokens", **scoring)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": self.name}
         if not req.stream:
-            texts = await self._collect(request, streams, started)
-            if texts is None:
+            outs = await self._collect(request, streams, started)
+            if outs is None:
                 return Response(status_code=499)
-            choices = [_choice(i, echoes[i] + t, streams[i].finish_reason) for i, t in enumerate(texts)]
+            choices = []
+            for i, o in enumerate(outs):
+                echo, lp = echoes[i], None
+                if scored:
+                    echo, lp, _ = _scored(echo, o.prompt_logprobs, o.logprobs, 0)
+                choices.append(_choice(i, echo + o.text, streams[i].finish_reason, lp))
             return {**head, "choices": choices, "usage": _usage(streams, n)}
         try:
             await _opened(streams)  # an upstream's refusal is our 4xx, not an event after a 200
@@ -98,26 +106,30 @@ class Serving:
             _cancel(streams)
             raise
         usage = bool(req.stream_options and req.stream_options.include_usage)
-        events = self._events(streams, head, echoes, n if usage else None, started)
+        events = self._events(streams, head, echoes, scored, n if usage else None, started)
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     # ---- helpers ------------------------------------------------------------------------------
-    def _echo(self, prompt: str | list[int]) -> str:
+    def _echo(self, prompt: str | list[int], scored: bool) -> str | None:
+        """The prompt's text; None where the prompt's scores will spell it (token ids, no tokenizer)."""
         if isinstance(prompt, str):
             return prompt
+        if self.client.tokenizer is None and scored:
+            return None
         if self.client.tokenizer is None:
             raise InvalidRequestError("echo of token-id prompts needs a tokenizer, which this server "
                                       "does not have (upstream mode): send the prompt as text", param="echo")
         return self.client.tokenizer.decode(prompt)
 
-    def _submit(self, jobs: list[Job], ignore_eos: bool, max_tokens_name: str) -> list[CompletionStream]:
-        """All jobs or none: a refusal of one cancels those already queued."""
+    def _submit(self, jobs: list[Job], ignore_eos: bool, max_tokens_name: str, **scoring) -> list[CompletionStream]:
+        """All jobs or none: a refusal of one cancels those already queued. `scoring`: the
+        engine's logprobs/echo/score_only, passed only when asked for."""
         streams: list[CompletionStream] = []
         try:
             for prompt, params in jobs:
                 streams.append(self.client.submit(prompt, params, ignore_eos=ignore_eos,
-                                                  max_tokens_name=max_tokens_name))
+                                                  max_tokens_name=max_tokens_name, **scoring))
         except BaseException as exc:
             _cancel(streams)
             if isinstance(exc, OverloadedError):
@@ -125,9 +137,9 @@ class Serving:
             raise
         return streams
 
-    async def _collect(self, request: Request, streams: list[CompletionStream], started: float) -> list[str] | None:
-        """Texts of all streams; None (and the streams cancelled) if the client goes away first."""
-        task = asyncio.ensure_future(asyncio.gather(*(s.text() for s in streams)))
+    async def _collect(self, request: Request, streams: list[CompletionStream], started: float) -> list[_Output] | None:
+        """Outputs of all streams; None (and the streams cancelled) if the client goes away first."""
+        task = asyncio.ensure_future(asyncio.gather(*(_drain(s) for s in streams)))
         try:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=0.5)
@@ -141,15 +153,22 @@ class Serving:
             _cancel(streams)  # disconnected, or a sibling failed: free their slots
             self.metrics.finished(streams, started)
 
-    async def _events(self, streams: list[CompletionStream], head: dict, echoes: list[str],
+    async def _events(self, streams: list[CompletionStream], head: dict, echoes: list[str | None], scored: bool,
                       usage_n: int | None, started: float) -> AsyncIterator[str]:
-        """Server-sent events: echoes, then chunks as they come, usage if asked, `[DONE]` last."""
+        """Server-sent events: echoes, then chunks as they come, usage if asked, `[DONE]` last.
+        With logprobs, a choice's echo waits for its first chunk, which brings the prompt's scores."""
+        offsets = [0] * len(streams)
         try:
             for i, echo in enumerate(echoes):
-                if echo:
+                if echo and not scored:
                     yield sse({**head, "choices": [_choice(i, echo, None)]})
             async for i, c in merge(streams):
-                yield sse({**head, "choices": [_choice(i, c.text, c.finish_reason)]})
+                text, lp = c.text, None
+                if scored:
+                    echo, echoes[i] = echoes[i], ""
+                    echo, lp, offsets[i] = _scored(echo, c.prompt_logprobs, c.logprobs, offsets[i])
+                    text = echo + text
+                yield sse({**head, "choices": [_choice(i, text, c.finish_reason, lp)]})
             if usage_n is not None:
                 yield sse({**head, "choices": [], "usage": _usage(streams, usage_n)})
         except WikigptError as exc:
@@ -167,8 +186,53 @@ def sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
-def _choice(index: int, text: str, finish_reason: str | None) -> dict:
-    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+def _choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+@dataclass
+class _Output:
+    """One stream's whole output: its text and, when asked for, its tokens' scores."""
+
+    text: str = ""
+    logprobs: list = field(default_factory=list)
+    prompt_logprobs: list | None = None
+
+
+async def _drain(stream: CompletionStream) -> _Output:
+    out = _Output()
+    async for c in stream:
+        out.text += c.text
+        out.logprobs += c.logprobs
+        if c.prompt_logprobs is not None:
+            out.prompt_logprobs = c.prompt_logprobs
+    return out
+
+
+def _scoring(req: CompletionRequest) -> dict:
+    """The engine's scoring arguments for `req`, only those it asks for (an EngineClient
+    without scoring serves every other request)."""
+    if req.max_tokens == 0 and not req.echo:
+        raise InvalidRequestError("max_tokens: 0 generates nothing; it is only allowed with echo: true "
+                                  "(to score the prompt with logprobs)", param="max_tokens")
+    kw: dict[str, Any] = {}
+    if req.logprobs is not None:
+        kw.update(logprobs=req.logprobs, echo=req.echo)
+    if req.max_tokens == 0:
+        kw["score_only"] = True
+    return kw
+
+
+def _scored(echo: str | None, prompt_lp: list | None, scores: list, offset: int) -> tuple[str, dict, int]:
+    """A chunk's echo text (spelled by the prompt's scores where None), its `logprobs` object
+    (prompt tokens first, when echoed) and the choice's text offset after it."""
+    if echo is None:
+        echo = echo_of(prompt_lp or ())
+    entries = [*prompt_scores(echo, prompt_lp or ()), *scores]
+    if not prompt_lp and echo:
+        offset += len(echo)  # echoed without scores (not asked for): the tokens come after it
+    lp, offset = logprobs_object(entries, offset)
+    return echo, lp, offset
 
 
 def _usage(streams: Sequence[CompletionStream], n: int) -> dict:
