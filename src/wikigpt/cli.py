@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import os
 import sys
 import types
@@ -26,8 +27,8 @@ from pydantic import BaseModel
 from . import __version__
 from .errors import ConfigError, WikigptError
 from .settings import (
-    DecodingCheckSettings, EvalSettings, GenerateSettings, PrepareSettings, ReportSettings, TrainSettings,
-    ServeSettings, UISettings, build,
+    DecodingCheckSettings, EvalSettings, GenerateSettings, PrepareSettings, ReportSettings, ScoreSettings,
+    ServeSettings, TrainSettings, UISettings, build,
 )
 
 
@@ -125,6 +126,39 @@ def run_serve(s: ServeSettings) -> int:
     return 0
 
 
+def run_score(s: ScoreSettings) -> int:
+    """Per-token table, then perplexity and bits per byte; over HTTP only (no torch here)."""
+    from pathlib import Path
+
+    from .client import score_text
+    from .scoring import table_rows
+
+    path = Path(s.text).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8") if path.is_file() else s.text
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {path} as UTF-8 text: {exc}") from None
+    scored = score_text(s, text, top=s.top_logprobs)
+    head = ("#", "token", "p", "surprise bits", f"top {s.top_logprobs}")
+    rows = table_rows(scored, s.top_logprobs)
+    if not s.plain and sys.stdout.isatty() and importlib.util.find_spec("rich") is not None:
+        from rich.console import Console
+        from rich.table import Table
+        from rich.text import Text
+
+        table = Table(*head, title=f"{s.api_url}: {scored.model}")
+        for row, t in zip(rows, scored.tokens):
+            table.add_row(*map(Text, row), style=None if t.surprise is None or t.surprise < 8 else "bold red")
+        Console().print(table)
+    else:
+        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
+        for row in [head, *rows]:
+            print("  ".join(c.ljust(w) if i == 1 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))),
+                  row[4], sep="  ")
+    print(scored.summary())
+    return 0
+
+
 def _lazy(module: str, func: str = "run") -> Callable[[Any], int | None]:
     """A command that imports its module (and with it torch) only when it runs."""
 
@@ -143,6 +177,7 @@ COMMANDS: dict[str, Command] = {
     "decoding-check": Command(DecodingCheckSettings, _lazy("quality")),
     "report": Command(ReportSettings, _lazy("report"), positional=("run_dir",)),
     "ui": Command(UISettings, run_ui),
+    "score": Command(ScoreSettings, run_score, positional=("text",)),
     "serve": Command(ServeSettings, run_serve),
 }
 

@@ -1,5 +1,6 @@
-"""An HTTP client for `wikigpt serve`, without Streamlit: the web UI's, usable from a script or
-a notebook. GET / for the health facts, POST /v1/completions streamed as server-sent events.
+"""An HTTP client for `wikigpt serve`, without Streamlit: the web UI's and `wikigpt score`'s,
+usable from a script or a notebook. GET / for the health facts, POST /v1/completions streamed
+as server-sent events, and scoring a text (its tokens' log-probabilities).
 
 Every way the backend can fail (down, slow, an error answer, a broken stream) is raised as a
 BackendError that says what failed, why, and the URL tried; the connect and read timeouts of
@@ -15,11 +16,14 @@ from dataclasses import dataclass
 
 import requests
 
+from .errors import WikigptError
+from .scoring import Scored, from_openai
 from .settings import UISettings
 
 
-class BackendError(Exception):
-    """A backend failure told for a person: what failed, why, and the URL tried."""
+class BackendError(WikigptError):
+    """A backend failure told for a person: what failed, why, and the URL tried (a WikigptError,
+    so `wikigpt score` exits with its code and message)."""
 
     def __init__(self, title: str, detail: str, url: str, *, kind: str = "error") -> None:
         super().__init__(f"{title}: {detail} ({url})")
@@ -181,3 +185,27 @@ def stream_completion(
         "The backend closed the stream early", "The answer stopped before its end marker ([DONE]).", url,
         kind="protocol",
     )
+
+
+def score_text(s: UISettings, text: str, top: int = 5, api_url: str | None = None) -> Scored:
+    """The model's surprise at every token of `text`: POST /v1/completions with `max_tokens: 0,
+    echo: true, logprobs: top` (OpenAI's way to score a prompt; vLLM answers it too).
+
+    `api_url` overrides `s.api_url` (the UI's second backend). A text longer than the model's
+    context is the backend's 400, raised as a BackendError that quotes it."""
+    url = (api_url or s.api_url).rstrip("/") + "/v1/completions"
+    body = {"prompt": text, "max_tokens": 0, "echo": True, "logprobs": top, "temperature": 0}
+    try:
+        resp = requests.post(url, json=body, headers=_headers(s), timeout=(s.connect_timeout, s.read_timeout))
+    except requests.RequestException as exc:
+        raise _request_failure(exc, url, s) from None
+    if resp.status_code != 200:
+        raise _http_error(resp, url)
+    try:
+        answer = resp.json()
+        choice = answer["choices"][0]
+        return from_openai(choice["logprobs"], str(answer.get("model") or ""))
+    except (ValueError, KeyError, IndexError, TypeError) as exc:
+        raise BackendError("The backend's answer has no token scores",
+                           f"Expected OpenAI's logprobs object in choices[0] ({type(exc).__name__}: {exc}).",
+                           url, kind="protocol") from None

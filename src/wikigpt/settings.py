@@ -149,27 +149,19 @@ class ServeSettings(ModelSettings):
         return value.rstrip("/").removesuffix("/v1") if value else value
 
 
-class UISettings(_Settings):
-    """Serve the web UI (Streamlit), a page that talks to a running `wikigpt serve` over HTTP."""
+class _ApiClient(_Settings):
+    """Where a running `wikigpt serve` is, and how long to wait for it: what the web UI and
+    `wikigpt score` share."""
 
     api_url: str = "http://127.0.0.1:5000"
     """Base URL of the wikigpt API (`wikigpt serve`); Docker Compose sets http://backend:5000."""
     api_key: str | None = None
     """Bearer token sent to the API, if the API was started with one."""
-    host: str = "127.0.0.1"
-    """Address the UI listens on; 0.0.0.0 exposes it to the network (only inside a container)."""
-    port: int = Field(8501, ge=1, le=65535)
-    """Port the UI listens on."""
     connect_timeout: float = Field(3.0, gt=0, le=120)
     """Seconds to wait for the API to accept a connection before saying it is unreachable."""
     read_timeout: float = Field(60.0, gt=0, le=3600)
     """Seconds to wait for the API's answer, and for each next piece of a streamed answer,
     before saying it is too slow (the page never hangs on a stuck backend)."""
-    status_interval: float = Field(10.0, ge=0, le=3600)
-    """Seconds between live backend status checks in the sidebar; 0 checks only on page actions."""
-    notebooks_dir: str | None = None
-    """Directory holding train.ipynb and inference.ipynb for the download buttons; unset: the
-    source checkout's notebooks/ folder, then ./notebooks."""
 
     @field_validator("api_url")
     @classmethod
@@ -177,6 +169,44 @@ class UISettings(_Settings):
         if not value.startswith(("http://", "https://")) or len(value) <= len("https://"):
             raise ValueError("must be an http:// or https:// URL, e.g. http://127.0.0.1:5000")
         return value.rstrip("/")
+
+
+class UISettings(_ApiClient):
+    """Serve the web UI (Streamlit), a page that talks to a running `wikigpt serve` over HTTP."""
+
+    host: str = "127.0.0.1"
+    """Address the UI listens on; 0.0.0.0 exposes it to the network (only inside a container)."""
+    port: int = Field(8501, ge=1, le=65535)
+    """Port the UI listens on."""
+    status_interval: float = Field(10.0, ge=0, le=3600)
+    """Seconds between live backend status checks in the sidebar; 0 checks only on page actions."""
+    notebooks_dir: str | None = None
+    """Directory holding train.ipynb and inference.ipynb for the download buttons; unset: the
+    source checkout's notebooks/ folder, then ./notebooks."""
+    compare_api_url: str | None = None
+    """A second wikigpt API (e.g. the base model, where --api-url serves the fine-tuned one): the
+    Score text page then shades both models' surprise side by side, with the difference."""
+    wikitext_file: str | None = None
+    """A WikiText raw file (e.g. wikitext-2-raw/wiki.test.raw) whose paragraphs the Score text
+    page offers to pick from; unset: paste text only."""
+
+    @field_validator("compare_api_url")
+    @classmethod
+    def _compare_url(cls, value: str | None) -> str | None:
+        return None if value is None else cls._http_url(value)
+
+
+class ScoreSettings(_ApiClient):
+    """Score a text with the served model: every token's probability, its surprise in bits and
+    the model's top alternatives, then perplexity and bits per byte (POST /v1/completions with
+    max_tokens 0, echo and logprobs)."""
+
+    text: str = Field(min_length=1)
+    """A file to score (its whole content), or the text itself when no such file exists."""
+    top_logprobs: int = Field(3, ge=0, le=20)
+    """Alternatives shown for each token (the model's most likely next tokens there)."""
+    plain: bool = False
+    """A plain-text table even when `rich` is installed and the output is a terminal."""
 
 
 def default_cache_dir() -> Path:

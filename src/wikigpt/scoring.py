@@ -1,0 +1,143 @@
+"""How surprised a model is by a text, token by token: the math the CLI's `score` and the web
+UI's "Score text" page share (no torch, no HTTP, no Streamlit).
+
+A scored text is what `POST /v1/completions` answers to `{"prompt": text, "max_tokens": 0,
+"echo": true, "logprobs": N}`: OpenAI's legacy logprobs object, one entry per prompt token, the
+first without a score (nothing comes before it). From it:
+
+    surprise(token)  = -log2 p(token | text before it)          bits
+    perplexity       = exp(-mean of the scored tokens' ln p)
+    bits per byte    = -sum(ln p) / (ln 2 * UTF-8 bytes of the scored part of the text)
+
+Bits per byte does not depend on the tokenizer, so two models with different vocabularies
+compare on it; perplexity only between models that share a tokenizer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TokenScore:
+    """One token of the text: its text, ln p (None for the first token) and the model's top
+    alternatives [(text, ln p), ...], best first."""
+
+    text: str
+    logprob: float | None
+    top: list[tuple[str, float]] = field(default_factory=list)
+
+    @property
+    def surprise(self) -> float | None:
+        """-log2 p in bits: 0 for a certain token, 1 for a coin flip, ~15.6 for 1 in 50,257."""
+        return None if self.logprob is None else -self.logprob / math.log(2)
+
+    @property
+    def p(self) -> float | None:
+        return None if self.logprob is None else math.exp(self.logprob)
+
+
+@dataclass
+class Scored:
+    """A text scored by one model."""
+
+    model: str
+    tokens: list[TokenScore]
+
+    @property
+    def scored(self) -> list[TokenScore]:
+        return [t for t in self.tokens if t.logprob is not None]
+
+    @property
+    def n_bytes(self) -> int:
+        """UTF-8 bytes of the scored tokens' text, the unscored first token left out."""
+        first = next((i for i, t in enumerate(self.tokens) if t.logprob is not None), len(self.tokens))
+        return len("".join(t.text for t in self.tokens[first:]).encode("utf-8"))
+
+    @property
+    def nll(self) -> float:
+        """-sum(ln p) over the scored tokens, in nats."""
+        return -sum(t.logprob for t in self.scored)
+
+    @property
+    def perplexity(self) -> float:
+        n = len(self.scored)
+        return math.exp(self.nll / n) if n else math.nan
+
+    @property
+    def bits_per_byte(self) -> float:
+        return self.nll / (math.log(2) * self.n_bytes) if self.n_bytes else math.nan
+
+    def summary(self) -> str:
+        n = len(self.scored)
+        if not n:
+            return f"{self.model}: nothing to score (a text of one token has no scored token)"
+        return (f"{self.model}: perplexity {self.perplexity:,.2f} · {self.bits_per_byte:.3f} bits per byte · "
+                f"{n} tokens scored ({self.n_bytes} bytes; the first token has no context)")
+
+
+def from_openai(logprobs: dict, model: str = "") -> Scored:
+    """A Scored from OpenAI's legacy logprobs object (ours, vLLM's or OpenAI's)."""
+    tokens, values = logprobs.get("tokens") or [], logprobs.get("token_logprobs") or []
+    tops = logprobs.get("top_logprobs") or [None] * len(tokens)
+    if not (len(tokens) == len(values) == len(tops)):
+        raise ValueError(f"logprobs lists differ in length: {len(tokens)} tokens, {len(values)} "
+                         f"token_logprobs, {len(tops)} top_logprobs")
+    out = []
+    for text, value, top in zip(tokens, values, tops):
+        ranked = sorted((top or {}).items(), key=lambda kv: -kv[1])
+        out.append(TokenScore(str(text), None if value is None else float(value),
+                              [(str(k), float(v)) for k, v in ranked]))
+    return Scored(model, out)
+
+
+def surprise_delta(a: Scored, b: Scored) -> list[float | None]:
+    """Per-token surprise of `b` minus `a` (bits; negative: `b` found the token likelier), or
+    None where a token has no score in either. Only texts tokenized alike line up."""
+    if [t.text for t in a.tokens] != [t.text for t in b.tokens]:
+        raise ValueError("the two models split the text into different tokens; compare bits per byte instead")
+    return [None if x.surprise is None or y.surprise is None else y.surprise - x.surprise
+            for x, y in zip(a.tokens, b.tokens)]
+
+
+def paragraphs(raw: str, max_chars: int | None = None, limit: int = 200) -> list[str]:
+    """WikiText paragraphs (lines that are not headings or blank), at most `max_chars` long
+    (a prompt must fit the model's context), the first `limit` of them."""
+    out = []
+    for line in raw.splitlines():
+        text = line.strip()
+        if not text or text.startswith("="):
+            continue
+        if max_chars is None or len(text) <= max_chars:
+            out.append(text)
+            if len(out) >= limit:
+                break
+    return out
+
+
+def shade(surprise: float | None, top: float = 16.0) -> float:
+    """0..1 for a colour's strength: 0 bits white, `top` bits (about 1 in 65,000) and beyond full."""
+    return 0.0 if surprise is None else max(0.0, min(1.0, surprise / top))
+
+
+def fmt_p(p: float | None) -> str:
+    if p is None:
+        return "–"
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+
+
+def show_token(text: str) -> str:
+    """A token's text quoted, whitespace made visible: ' the', '\\n'."""
+    return repr(text)
+
+
+def table_rows(scored: Scored, top_n: int = 3) -> list[tuple[str, str, str, str, str]]:
+    """(index, token, p, surprise bits, top alternatives) per token, as text."""
+    rows = []
+    for i, t in enumerate(scored.tokens):
+        alts = ", ".join(f"{show_token(text)} {fmt_p(math.exp(lp))}" for text, lp in t.top[:top_n])
+        rows.append((str(i), show_token(t.text), fmt_p(t.p),
+                     "–" if t.surprise is None else f"{t.surprise:.2f}", alts))
+    return rows
+
