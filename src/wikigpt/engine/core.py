@@ -71,6 +71,11 @@ class _Request:
             self.cancelled = True
 
 
+def _deliver(items: list[tuple[_Request, Chunk]]) -> None:
+    for r, chunk in items:
+        r.out.put_nowait(chunk)
+
+
 class RequestStream:
     """Async iterator over one request's output chunks; `cancel()` frees its batch slot."""
 
@@ -148,6 +153,7 @@ class Engine:
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []
         self._history: torch.Tensor | None = None  # [slots, context] ids, for the repetition penalty
+        self._outbox: list[tuple[_Request, Chunk]] = []  # this step's chunks, handed over at its end
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -281,11 +287,30 @@ class Engine:
                     if self.forward is None:
                         raise EngineError("the model could not be prepared for serving; see the server log")
                     self._step(new)
+                    self._flush()
                 except Exception:
                     log.exception("decoding step failed; dropping the batch")
                     self._fail(self._running + new)
 
+    def _emit(self, r: _Request, chunk: Chunk) -> None:
+        self._outbox.append((r, chunk))
+
+    def _flush(self) -> None:
+        """Hand this step's chunks to the event loop in one call: one wake-up per step instead
+        of one per row keeps the loop thread off the cores the next step computes on."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for r, chunk in self._outbox:
+            by_loop.setdefault(r.loop, []).append((r, chunk))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the event loop is closed: nobody is listening any more
+                for r, _ in items:
+                    r.cancelled = True
+
     def _fail(self, rows: list[_Request]) -> None:
+        self._flush()
         for r in {r.id: r for r in rows}.values():
             r.push(EngineError("internal error while generating; the request was dropped"))
         if self.forward is not None:
@@ -334,7 +359,7 @@ class Engine:
         scored_only = [r for r in new if r.score_only]
         if scored_only:  # prompt scores are all they asked for: done before any sampling
             for r in scored_only:
-                r.push(r.output.chunk("", "length"))
+                self._emit(r, r.output.chunk("", "length"))
             self.forward.release([r.slot for r in scored_only])
             keep = [i for i, r in enumerate(rows) if not r.score_only]
             rows, logits = [rows[i] for i in keep], logits[keep]
@@ -392,16 +417,16 @@ class Engine:
         if token == self.eos_id and not r.ignore_eos:
             if r.logprobs is not None:
                 out.pending.pop()  # EOS ends the output; it is not part of it
-            r.push(out.chunk(out.finish(), "stop"))
+            self._emit(r, out.chunk(out.finish(), "stop"))
             return False
         text = out.append(token)
         if out.stopped:
-            r.push(out.chunk(text, "stop"))
+            self._emit(r, out.chunk(text, "stop"))
             return False
         if len(out.tokens) >= r.params.max_new_tokens:
-            r.push(out.chunk(text + out.finish(), "length"))
+            self._emit(r, out.chunk(text + out.finish(), "length"))
             return False
         if text:
-            r.push(out.chunk(text))
+            self._emit(r, out.chunk(text))
         r.last = token
         return True
