@@ -54,3 +54,18 @@ def matmul_peak_flops(dtype_name: str = "bfloat16", seconds: float = 2.0) -> flo
         a @ b
         best = max(best, 2 * n**3 / (time.perf_counter() - t))
     return best
+
+
+def memory_read_bandwidth(seconds: float = 1.0) -> float:
+    """Bytes/s the CPU streams from memory: the best single sum over a 512 MB float32 tensor
+    (much larger than any cache), i.e. the ceiling for reading weights once per token."""
+    import torch
+
+    x = torch.ones(128 * 1024 * 1024)
+    x.sum()
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        t = time.perf_counter()
+        x.sum()
+        best = max(best, x.numel() * 4 / (time.perf_counter() - t))
+    return best

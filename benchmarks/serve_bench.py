@@ -1,17 +1,17 @@
-"""Serving benchmark: `wikigpt serve` against a server written the way the original project served.
+"""Serving benchmark: `wikigpt serve` against the original project's design and vLLM's CPU backend.
 
-    .venv/bin/python benchmarks/serve_bench.py                  # full run (~5 min on 2 cores)
+    .venv/bin/python benchmarks/serve_bench.py --vllm-python .venv-vllm/bin/python   # all three
     .venv/bin/python benchmarks/serve_bench.py --concurrency 1,8 --max-tokens 16 --rounds 1   # smoke
 
-Both servers load the same model: a DistilGPT2-shaped GPT-2 with random weights (speed does not
-depend on the weights), built from the shared config in a temp dir, or --model DIR. The baseline
-is the original's design: one process, one thread, one greedy `generate` per request, float32,
-answering when the whole text is ready (stdlib http.server; Flask's server adds nothing but
-overhead). Both get the same prompts at concurrency 1, 8 and 32, with the same greedy decoding
-and a fixed output length (EOS ignored, so token counts match). Levels run back to back (baseline,
-then engine) so a noisy neighbour hurts both alike; the ratios are the result, not the absolute
-numbers. The bf16 matmul peak is measured in the same run and the engine's achieved FLOP/s is
-reported as a share of it.
+All servers load the same model: a DistilGPT2-shaped GPT-2 with random weights (speed does not
+depend on the weights), built from the shared config in a temp dir, or --model DIR. "seed-style"
+is the original's design: one process, one thread, one greedy fp32 `generate` per request,
+answering when the whole text is ready. wikigpt and vLLM get the same streaming client and the
+same request body (greedy, EOS ignored, so token counts match). Servers run one at a time, each
+level back to back, so the other servers' processes do not compete for the cores. The machine's
+memory bandwidth and bf16/fp32 matmul peaks are measured in the same run; the report gives
+wikigpt's batch-1 speed as a share of the weight-read limit (weight bytes per token / bandwidth)
+of the dtype it serves, and its FLOP/s as a share of that dtype's matmul peak.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
-from common import distilgpt2_shaped, matmul_peak_flops
+from common import distilgpt2_shaped, matmul_peak_flops, memory_read_bandwidth
 
 PROMPTS = [
     "Data Science is", "The history of the Roman Empire", "Wikipedia is a free online encyclopedia",
@@ -78,7 +78,8 @@ def baseline_server(model_dir: str, port: int, max_tokens: int) -> None:
 
 
 # ---- load generation ----------------------------------------------------------------------------
-async def drive(url: str, kind: str, concurrency: int, n_requests: int, max_tokens: int) -> dict:
+async def drive(url: str, kind: str, concurrency: int, n_requests: int, max_tokens: int,
+                model: str | None = None) -> dict:
     import httpx
 
     latencies, ttfts, tokens = [], [], 0
@@ -99,6 +100,8 @@ async def drive(url: str, kind: str, concurrency: int, n_requests: int, max_toke
             else:
                 body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "repetition_penalty": 1.0,
                         "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+                if model:
+                    body["model"] = model
                 first = None
                 async with c.stream("POST", url + "/v1/completions", json=body) as r:
                     r.raise_for_status()
@@ -156,24 +159,55 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def table(rows: list[dict], peak_bf16: float, peak_fp32: float, cfg: dict, prompt_len: float) -> str:
-    out = ["| concurrency | server | requests | tokens/s | p50 latency | p95 latency | p50 TTFT | "
-           "tokens/s ratio | p50 latency ratio | GFLOP/s | share of bf16 / fp32 matmul peak |",
-           "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    base = {r["concurrency"]: r for r in rows if r["server"] == "baseline"}
+def weight_bytes_per_token(config: dict, bytes_per_weight: int) -> float:
+    """Weights read once per decoding step: the blocks' matrices and the d x V output head."""
+    d, layers, vocab = config["n_embd"], config["n_layer"], config["vocab_size"]
+    return (layers * 12 * d * d + d * vocab) * bytes_per_weight
+
+
+def table(rows: list[dict], facts: dict, cfg: dict, prompt_len: float) -> str:
+    out = ["| concurrency | server | requests | tokens/s | p50 latency | p50 TTFT | wikigpt / this | GFLOP/s |",
+           "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    ours = {r["concurrency"]: r for r in rows if r["server"] == "wikigpt"}
     for r in rows:
-        b = base.get(r["concurrency"])
-        ratio = f"{r['tok_s'] / b['tok_s']:.1f}x" if b and r["server"] != "baseline" else ""
-        lat = f"{r['p50'] / b['p50']:.2f}x" if b and r["server"] != "baseline" else ""
+        w = ours.get(r["concurrency"])
+        ratio = f"{w['tok_s'] / r['tok_s']:.2f}x" if w and r["server"] != "wikigpt" else ""
         ctx = prompt_len + r["tokens"] / r["requests"] / 2  # mean context over the generated tokens
-        flops = r["tok_s"] * flops_per_token(cfg, ctx)
+        r["gflops"] = r["tok_s"] * flops_per_token(cfg, ctx) / 1e9
         out.append(f"| {r['concurrency']} | {r['server']} | {r['requests']} | {r['tok_s']:.0f} | "
-                   f"{r['p50']:.2f} s | {r['p95']:.2f} s | {r['ttft_p50']:.2f} s | {ratio} | {lat} | "
-                   f"{flops / 1e9:.1f} | {flops / peak_bf16:.1%} / {flops / peak_fp32:.1%} |")
-    out.append(f"\nmatmul peak measured in this run: bf16 {peak_bf16 / 1e9:,.1f} GFLOP/s, "
-               f"fp32 {peak_fp32 / 1e9:,.1f} GFLOP/s (TTFT of the baseline = its latency: it answers "
-               "only when the whole text is ready)")
+                   f"{r['p50']:.2f} s | {r['ttft_p50']:.2f} s | {ratio} | {r['gflops']:.1f} |")
+    dtype = facts["wikigpt_dtype"]
+    peak = facts["peak_bf16"] if dtype == "bfloat16" else facts["peak_fp32"]
+    limit = facts["bandwidth"] / weight_bytes_per_token(cfg, 2 if dtype == "bfloat16" else 4)
+    out.append(f"\nmeasured in this run: memory read {facts['bandwidth'] / 1e9:.1f} GB/s; matmul peak bf16 "
+               f"{facts['peak_bf16'] / 1e9:,.0f} GFLOP/s, fp32 {facts['peak_fp32'] / 1e9:,.0f} GFLOP/s. "
+               f"wikigpt serves {dtype} ({facts['wikigpt_kernels']}).")
+    if 1 in ours:
+        out.append(f"batch 1: {ours[1]['tok_s']:.0f} tok/s = {ours[1]['tok_s'] / limit:.0%} of the {dtype} "
+                   f"weight-read limit ({limit:.0f} tok/s = bandwidth / "
+                   f"{weight_bytes_per_token(cfg, 2 if dtype == 'bfloat16' else 4) / 1e6:.0f} MB per token)")
+    top = max(ours) if ours else None
+    if top and top > 1:
+        out.append(f"{top} clients: {ours[top]['gflops']:.0f} GFLOP/s = {ours[top]['gflops'] * 1e9 / peak:.0%} "
+                   f"of the {dtype} matmul peak")
     return "\n".join(out)
+
+
+def start_servers(kind: str, args, model_dir: Path, port: int, env: dict) -> subprocess.Popen:
+    if kind == "seed-style":
+        cmd = [sys.executable, __file__, "--baseline-server", "--model", str(model_dir), "--port", str(port),
+               "--max-tokens", str(args.max_tokens)]
+    elif kind == "wikigpt":
+        cmd = [sys.executable, "-m", "wikigpt.cli", "serve", "--model", str(model_dir), "--port", str(port),
+               "--max-batch-size", str(args.max_batch_size), "--log-level", "warning"]
+    else:  # vLLM's OpenAI server, the recipe in the README (Scaling out)
+        env = {**env, "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_NO_USAGE_STATS": "1"}
+        cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+               "--dtype", "bfloat16", "--max-model-len", "1024", "--host", "127.0.0.1", "--port", str(port),
+               "--max-num-seqs", str(args.max_batch_size)]
+    log = open(Path(tempfile.gettempdir()) / f"serve_bench-{kind}.log", "w")  # noqa: SIM115
+    print(f"{kind}: logging to {log.name}", file=sys.stderr, flush=True)
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def main() -> None:
@@ -181,9 +215,11 @@ def main() -> None:
     ap.add_argument("--model", help="model directory (default: a random DistilGPT2-shaped model in a temp dir)")
     ap.add_argument("--concurrency", default="1,8,32", help="comma-separated client counts")
     ap.add_argument("--rounds", type=int, default=2, help="requests per client at each level")
-    ap.add_argument("--min-requests", type=int, default=4, help="at least this many requests per level")
-    ap.add_argument("--max-tokens", type=int, default=128, help="tokens generated per request (EOS ignored)")
+    ap.add_argument("--min-requests", type=int, default=8, help="at least this many requests per level")
+    ap.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request (EOS ignored)")
     ap.add_argument("--max-batch-size", type=int, default=32)
+    ap.add_argument("--vllm-python", help="python of a vllm-cpu virtualenv (`make vllm-venv`): adds vLLM")
+    ap.add_argument("--skip-seed-style", action="store_true", help="leave out the original's design (slow)")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--baseline-server", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -191,38 +227,42 @@ def main() -> None:
     if args.baseline_server:
         return baseline_server(args.model, args.port, args.max_tokens)
 
+    import httpx
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     levels = [int(c) for c in args.concurrency.split(",")]
+    kinds = ([] if args.skip_seed_style else ["seed-style"]) + ["wikigpt"] + (["vllm"] if args.vllm_python else [])
     with tempfile.TemporaryDirectory(prefix="wikigpt-bench-") as tmp:
         model_dir = Path(args.model) if args.model else distilgpt2_shaped(Path(tmp) / "distilgpt2-random")
         cfg = json.loads((model_dir / "config.json").read_text())
-        print("measuring matmul peaks ...", file=sys.stderr, flush=True)
-        peak_bf16, peak_fp32 = matmul_peak_flops("bfloat16"), matmul_peak_flops("float32")
-        bport, eport = free_port(), free_port()
-        burl, eurl = f"http://127.0.0.1:{bport}", f"http://127.0.0.1:{eport}"
+        print("measuring memory bandwidth and matmul peaks ...", file=sys.stderr, flush=True)
+        facts = {"bandwidth": memory_read_bandwidth(), "peak_bf16": matmul_peak_flops("bfloat16"),
+                 "peak_fp32": matmul_peak_flops("float32")}
         env = {k: v for k, v in os.environ.items() if k != "WIKIGPT_API_KEY"}
-        procs = [
-            subprocess.Popen([sys.executable, __file__, "--baseline-server", "--model", str(model_dir),
-                              "--port", str(bport), "--max-tokens", str(args.max_tokens)], env=env),
-            subprocess.Popen([sys.executable, "-m", "wikigpt.cli", "serve", "--model", str(model_dir), "--port",
-                              str(eport), "--max-batch-size", str(args.max_batch_size), "--log-level", "warning"],
-                             env=env),
-        ]
-        try:
-            wait_ready(burl, "/", procs[0])
-            wait_ready(eurl, "/ready", procs[1])
-            asyncio.run(drive(burl, "baseline", 1, 1, args.max_tokens))  # warm both up
-            asyncio.run(drive(eurl, "engine", 1, 1, args.max_tokens))
-            rows = []
-            for c in levels:
-                n = max(args.min_requests, c * args.rounds)
-                for kind, url in (("baseline", burl), ("engine", eurl)):
+        rows = []
+        for kind in kinds:
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            proc = start_servers(kind, args, model_dir, port, env)
+            try:  # a server that fails to start is reported; the others' rows still print
+                wait_ready(url, "/ready" if kind == "wikigpt" else ("/health" if kind == "vllm" else "/"), proc,
+                           timeout=600)
+                if kind == "wikigpt":
+                    info = httpx.get(url + "/").json()
+                    facts["wikigpt_dtype"], facts["wikigpt_kernels"] = info.get("dtype"), info.get("kernels")
+                mode = "baseline" if kind == "seed-style" else "stream"
+                model = httpx.get(url + "/v1/models").json()["data"][0]["id"] if kind == "vllm" else None
+                asyncio.run(drive(url, mode, 1, 2, args.max_tokens, model))  # warm-up
+                for c in levels:
+                    n = max(args.min_requests, c * args.rounds)
                     print(f"concurrency {c}: {kind}, {n} requests ...", file=sys.stderr, flush=True)
-                    rows.append(asyncio.run(drive(url, kind, c, n, args.max_tokens)))
-        finally:
-            for p in procs:
-                p.terminate()
-                p.wait(30)
+                    row = asyncio.run(drive(url, mode, c, n, args.max_tokens, model))
+                    rows.append({**row, "server": kind})
+            except SystemExit as exc:
+                print(f"{kind} failed: {exc} (see its log)", file=sys.stderr, flush=True)
+            finally:
+                proc.terminate()
+                proc.wait(60)
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(model_dir)
@@ -234,10 +274,9 @@ def main() -> None:
     print(f"\nDistilGPT2-shaped model, {args.max_tokens} tokens per request (greedy, EOS ignored); "
           f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, torch "
           f"{torch.__version__} ({torch.backends.cpu.get_cpu_capability()})\n")
-    print(table(rows, peak_bf16, peak_fp32, cfg, prompt_len))
+    print(table(rows, facts, cfg, prompt_len))
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "peak_bf16": peak_bf16, "peak_fp32": peak_fp32,
-                                               "max_tokens": args.max_tokens}, indent=2))
+        Path(args.json).write_text(json.dumps({"rows": rows, **facts, "max_tokens": args.max_tokens}, indent=2))
 
 
 if __name__ == "__main__":

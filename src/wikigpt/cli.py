@@ -107,7 +107,7 @@ def run_serve(s: ServeSettings) -> int:
 
     from .api import create_app
     from .engine import Engine
-    from .modeling import load_model, serving_dtype
+    from .modeling import load_model
 
     logging.basicConfig(level=s.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if s.upstream:  # forward completions to an OpenAI-compatible server: no model loaded here
@@ -118,7 +118,7 @@ def run_serve(s: ServeSettings) -> int:
         return 0
     lm = load_model(s)  # a missing model fails here, before the port opens: exit code 2
     engine = Engine(lm, max_batch_size=s.max_batch_size, queue_size=s.queue_size,
-                    dtype=serving_dtype(lm, s.dtype), compile=s.compile)
+                    dtype="auto" if s.dtype == "auto" else None, compile=s.compile)
     # No reload, no debug: uvicorn's own access log is off because ours (api.metrics.AccessLog) adds
     # timing and leaves out query strings; server shutdown waits at most 5 s for open streams.
     uvicorn.run(create_app(s, engine), host=s.host, port=s.port, log_level=s.log_level, access_log=False,

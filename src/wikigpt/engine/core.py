@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import EngineError, InvalidRequestError, OverloadedError
-from ..modeling import LoadedModel
+from ..modeling import LoadedModel, serving_dtype
 from ..settings import SamplingParams
 from .gpt2 import GPT2Forward, unsupported_reason
 from .hf import HFForward
@@ -119,15 +119,19 @@ class Engine:
 
     GPT-2-family models run on the lean forward (gpt2.py) with a slot-indexed KV cache; other
     causal LMs on transformers' forward (hf.py). `dtype` (default: the loaded model's) is what
-    the weights and cache are served in; the CLI picks bf16 on CPUs where it measures faster.
+    the weights and cache are served in; "auto" takes bf16 where this CPU measures it faster.
     `compile` lets the start-up measurement try torch.compile'd kernels (kernels.py).
+
+    Every torch operation, start-up probes included, runs on the worker thread: OpenMP keeps a
+    pool of threads per thread that starts parallel work, and a second pool left by the main
+    thread slowed one-sequence decoding 1.6x on a 2-core machine (58 against 95 tok/s).
     """
 
     def __init__(self, lm: LoadedModel, *, max_batch_size: int = 32, queue_size: int = 256,
-                 dtype: torch.dtype | None = None, compile: bool = False, on_step=None) -> None:
+                 dtype: torch.dtype | str | None = None, compile: bool = False, on_step=None) -> None:
         self.lm = lm
         self.tokenizer = lm.tokenizer
-        self.dtype = dtype or lm.dtype
+        self.dtype = dtype or lm.dtype  # "auto" is settled by the worker, in _build
         self.compile = compile
         # The Rust decoder directly: transformers' decode wrapper costs ~3x more per call. Its
         # only extra, space clean-up, is off for GPT-2; keep the wrapper where it is on.
@@ -250,6 +254,8 @@ class Engine:
         """Pick the forward and its kernels, then warm up: one prefill and one decode step, so
         the first request does not pay for kernel selection and allocator growth."""
         model, slots = self.lm.model, self.max_batch_size
+        if self.dtype == "auto":
+            self.dtype = serving_dtype(self.lm, "auto")
         reason = unsupported_reason(model)
         if reason is None:
             head = model.get_output_embeddings().weight.detach().to(self.dtype)
