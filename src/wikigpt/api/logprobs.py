@@ -67,3 +67,29 @@ def logprobs_object(scores: Sequence[Any], offset: int = 0) -> tuple[dict, int]:
         offsets.append(offset)
         offset += len(s.text)
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}, offset
+
+
+def from_openai(obj: dict | None) -> list[ScoredToken]:
+    """An upstream's legacy `logprobs` object back into scores (its first prompt token keeps its
+    text, with logprob None); [] when it sent none."""
+    if not obj:
+        return []
+    tokens, values = obj.get("tokens") or [], obj.get("token_logprobs") or []
+    tops = obj.get("top_logprobs") or [None] * len(tokens)
+    return [ScoredToken(str(t), None if v is None else float(v),
+                        sorted(((str(k), float(x)) for k, x in (top or {}).items()), key=lambda kv: -kv[1]))
+            for t, v, top in zip(tokens, values, tops)]
+
+
+def split_echo(prompt: str | list[int], text: str, scores: list[ScoredToken],
+               offsets: list[int] | None) -> tuple[list[ScoredToken], str, list[ScoredToken]]:
+    """An upstream's first echoed event (vLLM: the prompt and the first generated token in one)
+    split into the prompt's scores, the generated text and the generated tokens' scores. Prompt
+    tokens: as many as the token ids sent, or those that start inside the prompt's text."""
+    if isinstance(prompt, list):
+        n = len(prompt)
+        echo = "".join(s.text for s in scores[:n])
+    else:
+        n = sum(1 for o in offsets if o < len(prompt)) if offsets else len(scores)
+        echo = prompt
+    return scores[:n], text[len(echo):] if text.startswith(echo) else "", scores[n:]

@@ -24,10 +24,11 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from ..errors import (InvalidRequestError, NotReadyError, OverloadedError, UpstreamError, UpstreamRejectedError,
+from ..errors import (NotReadyError, OverloadedError, UpstreamError, UpstreamRejectedError,
                       UpstreamTimeoutError, WikigptError)
 from ..generation import ContinuationFilter
 from ..settings import SamplingParams, ServeSettings
+from .logprobs import from_openai, split_echo
 
 log = logging.getLogger("wikigpt.upstream")
 POLL_SECONDS = 2.0  # how stale /ready may be when the upstream goes away between requests
@@ -39,7 +40,7 @@ class Chunk:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    logprobs: list = field(default_factory=list)  # token scores are not forwarded (yet): none
+    logprobs: list = field(default_factory=list)  # the upstream's token scores, when asked for
     prompt_logprobs: list | None = None
 
 
@@ -99,9 +100,6 @@ class UpstreamClient:
     def submit(self, prompt: str | list[int], params: SamplingParams, *, ignore_eos: bool = False,
                max_tokens_name: str = "max_new_tokens", logprobs: int | None = None, echo: bool = False,
                score_only: bool = False) -> UpstreamStream:
-        if logprobs is not None or score_only:
-            raise InvalidRequestError("logprobs (and max_tokens 0) are not forwarded to the upstream "
-                                      "by this server: leave them out", param="logprobs")
         if not self.lm.name:
             raise NotReadyError(self.not_ready_reason, retry_after=5)
         if self.in_flight >= self.max_in_flight:
@@ -117,6 +115,10 @@ class UpstreamClient:
             body["stop"] = params.stop
         if ignore_eos:
             body["ignore_eos"] = True
+        if logprobs is not None or score_only:  # OpenAI's fields: vLLM answers them as we do
+            body.update(logprobs=logprobs or 0, echo=echo or score_only)
+        if score_only:
+            body["max_tokens"] = 0
         return UpstreamStream(self, body, params.stop, max_tokens_name)
 
     # ---- readiness ----------------------------------------------------------------------------
@@ -256,8 +258,17 @@ class UpstreamStream:
                 c.on_upstream(time.perf_counter() - started, outcome)
 
     async def _relay(self, r: httpx.Response) -> None:
-        """Upstream SSE -> our chunks, through the filter; the finish comes after the usage event."""
+        """Upstream SSE -> our chunks, through the filter; the finish comes after the usage event.
+        Token scores ride on the next chunk out; an echoed prompt's text is the serving layer's."""
         filt, pieces, reason = ContinuationFilter(self._stop), 0, None
+        scores, prompt_scores, echoed = [], None, not self._body.get("echo")
+
+        def chunk(text: str, finish: str | None) -> Chunk:
+            nonlocal scores, prompt_scores
+            c = Chunk(text, finish, self.prompt_tokens, pieces, scores, prompt_scores)
+            scores, prompt_scores = [], None
+            return c
+
         async for line in r.aiter_lines():
             data = line[5:].strip() if line.startswith("data:") else ""
             if not data:
@@ -277,17 +288,23 @@ class UpstreamStream:
                 self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
                 pieces = int(usage.get("completion_tokens") or pieces)
             for choice in event.get("choices") or ():
-                pieces += 1 if choice.get("text") else 0
-                out = filt.feed(choice.get("text") or "")
+                text, new = choice.get("text") or "", from_openai(choice.get("logprobs"))
+                if not echoed:
+                    echoed = True
+                    offsets = (choice.get("logprobs") or {}).get("text_offset")
+                    prompt_scores, text, new = split_echo(self._body["prompt"], text, new, offsets)
+                scores += new
+                pieces += 1 if text else 0
+                out = filt.feed(text)
                 reason = choice.get("finish_reason") or reason
                 if filt.done:  # one of our stop strings: done here, whatever the upstream does
-                    self._out.put_nowait(Chunk(out, "stop", self.prompt_tokens, pieces))
+                    self._out.put_nowait(chunk(out, "stop"))
                     return
                 if out:
-                    self._out.put_nowait(Chunk(out, None, self.prompt_tokens, pieces))
+                    self._out.put_nowait(chunk(out, None))
         if reason is None:
             raise UpstreamError(f"the upstream {self._client.url} ended its answer without a finish_reason")
-        self._out.put_nowait(Chunk(filt.finish(), reason, self.prompt_tokens, pieces))
+        self._out.put_nowait(chunk(filt.finish(), reason))
 
 
 def _error_message(content: bytes) -> tuple[str, str | None]:
