@@ -20,6 +20,9 @@ import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Servers started by tests skip torch.compile's start-up measurement (tens of seconds per start
+# on 2 cores); the compiled kernels have their own tests in test_engine_forward.py.
+os.environ.setdefault("WIKIGPT_COMPILE", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("WIKIGPT_SHARED", REPO.parent / "shared"))

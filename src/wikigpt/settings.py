@@ -116,8 +116,9 @@ class ServeSettings(ModelSettings):
     queue_size: int = Field(256, ge=0, le=100_000)
     """Most requests waiting for a batch slot; beyond it requests get 503 with Retry-After."""
     compile: bool = True
-    """Let the start-up measurement try torch.compile'd kernels for decoding one sequence
-    (needs a C++ compiler; the first start compiles for a minute, later ones reuse the cache)."""
+    """Let the start-up measurement try torch.compile'd decoding kernels (one-sequence products,
+    attention); needs a C++ compiler. The first start compiles for about a minute on 2 cores,
+    later starts reuse the cache."""
     max_body_bytes: int = Field(1_000_000, ge=1024, le=100_000_000)
     """Largest request body accepted, in bytes; larger ones get 413."""
     api_key: str | None = None
