@@ -154,6 +154,8 @@ def test_bad_requests_through_the_gateway_are_clear_4xx(client):
         assert words in err["message"], (words, err)
         assert err["type"] in {"invalid_request_error", "not_found_error"} and "param" in err
         assert "Traceback" not in r.text
+    long = client.post("/predict", json={"text": "Data science is " * 120}).json()["error"]["message"]
+    assert "max_new_tokens is 64" in long and "max_tokens" not in long  # the field /predict takes
     assert client.post("/predict", json={"text": "still alive"}).status_code == 200
 
 
@@ -189,8 +191,9 @@ LONG = {"prompt": "Data", "max_tokens": 4000, "ignore_eos": True}
 
 def test_disconnects_reach_the_upstream_and_a_slow_upstream_is_a_504(long_model_dir):
     up = Upstream(long_model_dir, "--max-batch-size", "1")
-    srv = gateway(up.url, upstream_read_timeout=2)
+    srv = None
     try:
+        srv = gateway(up.url, upstream_read_timeout=2)
         with httpx.Client(base_url=srv.url, timeout=60) as c:
             with c.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as r:
                 lines = r.iter_lines()  # kept: a dropped iterator closes the response
@@ -220,14 +223,16 @@ def test_disconnects_reach_the_upstream_and_a_slow_upstream_is_a_504(long_model_
             assert up.url in r.json()["error"]["message"] and "--upstream-read-timeout" in r.text
         impatient.close()
     finally:
-        srv.close()
+        if srv is not None:
+            srv.close()
         up.kill()
 
 
 def test_upstream_killed_mid_stream_is_a_clear_error_and_not_ready(long_model_dir):
     up = Upstream(long_model_dir)
-    srv = gateway(up.url)
+    srv = None
     try:
+        srv = gateway(up.url)
         with httpx.Client(base_url=srv.url, timeout=60) as c:
             with c.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as r:
                 lines = r.iter_lines()
@@ -243,8 +248,26 @@ def test_upstream_killed_mid_stream_is_a_clear_error_and_not_ready(long_model_di
             assert r.status_code == 503 and up.url in r.json()["error"]["message"], r.text
             assert "Traceback" not in r.text and c.get("/health").status_code == 200
     finally:
-        srv.close()
+        if srv is not None:
+            srv.close()
         up.kill()
+
+
+def test_model_picks_one_of_the_upstreams_models(upstream, tiny_model_dir):
+    wrong = gateway(upstream.url, model="gpt-4", wait_ready=False)
+    try:
+        wrong.wait(lambda: "not 'gpt-4'" in wrong.engine.not_ready_reason, "the watcher never looked")
+        r = httpx.get(wrong.url + "/ready")
+        assert r.status_code == 503 and str(tiny_model_dir) in r.json()["error"]["message"], r.text
+    finally:
+        wrong.close()
+    right = gateway(upstream.url, model=str(tiny_model_dir), served_model_name="wiki")
+    try:
+        assert [m["id"] for m in httpx.get(right.url + "/v1/models").json()["data"]] == ["wiki"]
+        r = httpx.post(right.url + "/v1/completions", json={"model": "wiki", "prompt": "Data", "max_tokens": 3})
+        assert r.status_code == 200 and r.json()["model"] == "wiki", r.text
+    finally:
+        right.close()
 
 
 def test_an_upstream_that_is_down_from_the_start(tmp_path):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -247,6 +248,9 @@ class UpstreamStream:
             elif not isinstance(exc, WikigptError):
                 log.exception("forwarding to the upstream failed")
                 exc = UpstreamError(f"the upstream {c.url} sent an answer this server cannot read")
+            elif isinstance(exc, UpstreamRejectedError) and self._name != "max_tokens":
+                # the upstream names OpenAI's field; the client sent ours (/predict: max_new_tokens)
+                exc.message = re.sub(r"\bmax_tokens\b", self._name, exc.message)
             outcome = "error"
             if not self._opened.done():
                 self._opened.set_exception(exc)
