@@ -77,8 +77,9 @@ class Scored:
                 f"{n} tokens scored ({self.n_bytes} bytes; the first token has no context)")
 
 
-def from_openai(logprobs: dict, model: str = "") -> Scored:
-    """A Scored from OpenAI's legacy logprobs object (ours, vLLM's or OpenAI's)."""
+def from_openai(logprobs: dict, model: str = "", top_n: int | None = None) -> Scored:
+    """A Scored from OpenAI's legacy logprobs object (ours, vLLM's or OpenAI's), keeping the
+    `top_n` best alternatives (the object also names the chosen token, however unlikely)."""
     tokens, values = logprobs.get("tokens") or [], logprobs.get("token_logprobs") or []
     tops = logprobs.get("top_logprobs") or [None] * len(tokens)
     if not (len(tokens) == len(values) == len(tops)):
@@ -88,7 +89,7 @@ def from_openai(logprobs: dict, model: str = "") -> Scored:
     for text, value, top in zip(tokens, values, tops):
         ranked = sorted((top or {}).items(), key=lambda kv: -kv[1])
         out.append(TokenScore(str(text), None if value is None else float(value),
-                              [(str(k), float(v)) for k, v in ranked]))
+                              [(str(k), float(v)) for k, v in ranked][:top_n]))
     return Scored(model, out)
 
 

@@ -319,5 +319,15 @@ def main() -> None:
         _run_turn(s, prompt)
 
 
+def run() -> None:
+    """Two pages: continue text (this module's `main`) and score text (ui_score.py)."""
+    from wikigpt.ui_score import score_page
+
+    st.navigation([
+        st.Page(main, title="Continue text", icon=":material/edit_note:", default=True),
+        st.Page(score_page, title="Score text", icon=":material/insights:", url_path="score"),
+    ]).run()
+
+
 if __name__ == "__main__":  # `streamlit run` executes this file as __main__
-    main()
+    run()
