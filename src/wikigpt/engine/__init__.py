@@ -1,6 +1,7 @@
 """The serving engine, the only serving code that touches torch.
 
 - core.py: the queue, the worker thread and the decoding step (continuous batching);
+- request.py: a request inside the engine and the stream its caller reads;
 - output.py: one request's detokenization and text filtering;
 - sampling.py: per-row sampling with per-request generators;
 - gpt2.py, kv_cache.py, kernels.py: the lean GPT-2 forward on a slot-indexed KV cache;

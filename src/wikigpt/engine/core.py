@@ -22,8 +22,6 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 import torch
 
@@ -35,6 +33,7 @@ from .hf import HFForward
 from .kernels import Kernels, choose_kernels
 from .kv_cache import SlotKVCache
 from .output import Chunk, RequestOutput, token_logprobs
+from .request import Request, RequestStream, deliver
 from .sampling import RowSampling, sample
 
 log = logging.getLogger("wikigpt.engine")
@@ -44,74 +43,6 @@ log = logging.getLogger("wikigpt.engine")
 MAX_PREFILL_TOKENS = 4096
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's completions API allows
 _ids = itertools.count(1)
-
-
-@dataclass(eq=False)
-class _Request:
-    id: int
-    prompt_ids: list[int]
-    params: SamplingParams
-    ignore_eos: bool
-    loop: asyncio.AbstractEventLoop
-    out: asyncio.Queue
-    output: RequestOutput
-    sampling: RowSampling
-    logprobs: int | None = None  # top alternatives per scored token; None: no scores
-    echo: bool = False  # also score the prompt
-    score_only: bool = False  # score the prompt, generate nothing
-    cancelled: bool = False
-    slot: int = -1
-    last: int = 0  # the next input token
-    submitted: float = field(default_factory=time.perf_counter)
-
-    def push(self, item: Chunk | BaseException) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.out.put_nowait, item)
-        except RuntimeError:  # the event loop is closed: nobody is listening any more
-            self.cancelled = True
-
-
-def _deliver(items: list[tuple[_Request, Chunk]]) -> None:
-    for r, chunk in items:
-        r.out.put_nowait(chunk)
-
-
-class RequestStream:
-    """Async iterator over one request's output chunks; `cancel()` frees its batch slot."""
-
-    def __init__(self, req: _Request, engine: Engine) -> None:
-        self._req, self._engine = req, engine
-        self.prompt_tokens = len(req.prompt_ids)
-        self.completion_tokens = 0
-        self.finish_reason: str | None = None
-        self.first_token_at: float | None = None
-
-    def __aiter__(self) -> AsyncIterator[Chunk]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[Chunk]:
-        try:
-            while self.finish_reason is None:
-                item = await self._req.out.get()
-                if isinstance(item, BaseException):
-                    raise item
-                if self.first_token_at is None:
-                    self.first_token_at = time.perf_counter()
-                self.completion_tokens = item.completion_tokens
-                self.finish_reason = item.finish_reason
-                yield item
-        finally:
-            if self.finish_reason is None:
-                self.cancel()
-
-    async def text(self) -> str:
-        """The whole continuation (consumes the stream)."""
-        return "".join([c.text async for c in self])
-
-    def cancel(self) -> None:
-        if not self._req.cancelled:
-            self._req.cancelled = True
-            self._engine._wake()
 
 
 class Engine:
@@ -154,10 +85,10 @@ class Engine:
         self.steps = 0
         self.forward: GPT2Forward | HFForward | None = None  # built by the worker (start-up probe)
         self.kernels = Kernels()
-        self._waiting: deque[_Request] = deque()
-        self._running: list[_Request] = []
+        self._waiting: deque[Request] = deque()
+        self._running: list[Request] = []
         self._history: torch.Tensor | None = None  # [slots, context] ids, for the repetition penalty
-        self._outbox: list[tuple[_Request, Chunk]] = []  # this step's chunks, handed over at its end
+        self._outbox: list[tuple[Request, Chunk]] = []  # this step's chunks, handed over at its end
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -196,7 +127,7 @@ class Engine:
         self._check(ids, params, max_tokens_name)
         gen = torch.Generator(device=self.lm.device)
         gen.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
-        req = _Request(next(_ids), ids, params, ignore_eos, asyncio.get_running_loop(), asyncio.Queue(),
+        req = Request(next(_ids), ids, params, ignore_eos, asyncio.get_running_loop(), asyncio.Queue(),
                        RequestOutput(self._decode, params.stop, len(ids)), RowSampling(params, gen),
                        logprobs=0 if score_only and logprobs is None else logprobs,
                        echo=score_only or (echo and logprobs is not None), score_only=score_only)
@@ -298,7 +229,7 @@ class Engine:
                     log.exception("decoding step failed; dropping the batch")
                     self._fail(self._running + new)
 
-    def _emit(self, r: _Request, chunk: Chunk) -> None:
+    def _emit(self, r: Request, chunk: Chunk) -> None:
         self._outbox.append((r, chunk))
 
     def _flush(self) -> None:
@@ -310,12 +241,12 @@ class Engine:
         self._outbox = []
         for loop, items in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_deliver, items)
+                loop.call_soon_threadsafe(deliver, items)
             except RuntimeError:  # the event loop is closed: nobody is listening any more
                 for r, _ in items:
                     r.cancelled = True
 
-    def _fail(self, rows: list[_Request]) -> None:
+    def _fail(self, rows: list[Request]) -> None:
         self._flush()
         for r in {r.id: r for r in rows}.values():
             r.push(EngineError("internal error while generating; the request was dropped"))
@@ -323,7 +254,7 @@ class Engine:
             self.forward.release(sorted({r.slot for r in rows if r.slot >= 0}))
         self._running = []
 
-    def _admit(self) -> list[_Request] | None:
+    def _admit(self) -> list[Request] | None:
         with self._cond:
             while True:
                 if self._stopping:
@@ -334,7 +265,7 @@ class Engine:
                     break
                 self._cond.wait()
             free = self.max_batch_size - len(self._running)
-            new: list[_Request] = []
+            new: list[Request] = []
             budget = MAX_PREFILL_TOKENS
             while self._waiting and len(new) < free:
                 n = len(self._waiting[0].prompt_ids)
@@ -344,7 +275,7 @@ class Engine:
                 budget -= n
             return new
 
-    def _step(self, new: list[_Request]) -> None:
+    def _step(self, new: list[Request]) -> None:
         """One decoding step: every running row advances one token, new rows are prefilled."""
         t0 = time.perf_counter()
         gone = [r for r in self._running if r.cancelled]
@@ -381,7 +312,7 @@ class Engine:
         if self.on_step is not None:
             self.on_step(len(rows), sum(len(r.prompt_ids) for r in new), time.perf_counter() - t0)
 
-    def _prefill(self, new: list[_Request]) -> tuple[list[_Request], torch.Tensor]:
+    def _prefill(self, new: list[Request]) -> tuple[list[Request], torch.Tensor]:
         """Give new requests a slot and prefill them: plain ones keep the last position's
         logits only, those that asked for prompt scores keep every position's."""
         for r in new:
@@ -400,7 +331,7 @@ class Engine:
             first.append(torch.stack([logits[-1] for logits in every]))
         return plain + echo, torch.cat(first)
 
-    def _sample(self, rows: list[_Request], logits: torch.Tensor) -> list[int]:
+    def _sample(self, rows: list[Request], logits: torch.Tensor) -> list[int]:
         slots = torch.tensor([r.slot for r in rows], device=logits.device)
         lengths = [len(r.prompt_ids) + len(r.output.tokens) for r in rows]
         seen = None
@@ -415,7 +346,7 @@ class Engine:
             rows[i].output.pending += token_logprobs(self._decode, raw[j:j + 1], [ids[i]], rows[i].logprobs)
         return ids
 
-    def _advance(self, r: _Request, token: int) -> bool:
+    def _advance(self, r: Request, token: int) -> bool:
         """Record one sampled token and stream its text; False when the request is over."""
         if r.cancelled:
             return False

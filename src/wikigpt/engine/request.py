@@ -1,0 +1,89 @@
+"""A request inside the engine, and the stream its caller reads.
+
+`Request` lives on the worker thread (slot, tokens, output); `RequestStream` is what
+`Engine.submit()` hands to the asyncio side. Chunks cross between the two threads only through
+the event loop's `call_soon_threadsafe`, so the asyncio queue is touched on its own thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from ..settings import SamplingParams
+from .output import Chunk, RequestOutput
+from .sampling import RowSampling
+
+if TYPE_CHECKING:
+    from .core import Engine
+
+
+@dataclass(eq=False)
+class Request:
+    id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    ignore_eos: bool
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue
+    output: RequestOutput
+    sampling: RowSampling
+    logprobs: int | None = None  # top alternatives per scored token; None: no scores
+    echo: bool = False  # also score the prompt
+    score_only: bool = False  # score the prompt, generate nothing
+    cancelled: bool = False
+    slot: int = -1
+    last: int = 0  # the next input token
+    submitted: float = field(default_factory=time.perf_counter)
+
+    def push(self, item: Chunk | BaseException) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            self.cancelled = True
+
+
+def deliver(items: list[tuple[Request, Chunk]]) -> None:
+    for r, chunk in items:
+        r.out.put_nowait(chunk)
+
+
+class RequestStream:
+    """Async iterator over one request's output chunks; `cancel()` frees its batch slot."""
+
+    def __init__(self, req: Request, engine: Engine) -> None:
+        self._req, self._engine = req, engine
+        self.prompt_tokens = len(req.prompt_ids)
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        self.first_token_at: float | None = None
+
+    def __aiter__(self) -> AsyncIterator[Chunk]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Chunk]:
+        try:
+            while self.finish_reason is None:
+                item = await self._req.out.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if self.first_token_at is None:
+                    self.first_token_at = time.perf_counter()
+                self.completion_tokens = item.completion_tokens
+                self.finish_reason = item.finish_reason
+                yield item
+        finally:
+            if self.finish_reason is None:
+                self.cancel()
+
+    async def text(self) -> str:
+        """The whole continuation (consumes the stream)."""
+        return "".join([c.text async for c in self])
+
+    def cancel(self) -> None:
+        if not self._req.cancelled:
+            self._req.cancelled = True
+            self._engine._wake()
