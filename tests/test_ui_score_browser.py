@@ -58,12 +58,12 @@ def test_score_page_shades_tokens_side_by_side_then_a_stopped_api_is_friendly(se
             expect(box).not_to_have_value("", timeout=30_000)  # the first paragraph of wiki.test.raw
             paragraph = box.input_value()
             page.get_by_role("button", name="Score").click()
-            expect(page.get_by_text("Difference")).to_be_visible(timeout=60_000)
+            views = page.locator(".wg-scored")
+            expect(views).to_have_count(3, timeout=60_000)  # main, compared, difference
+            expect(page.get_by_text("Difference")).to_be_visible()
 
             body = page.inner_text("body")
             assert len(re.findall(r"perplexity [\d,.]+ · [\d.]+ bits per byte", body)) == 2, body  # both models
-            views = page.locator(".wg-scored")
-            assert views.count() == 3  # main, compared, difference
             tokens = views.first.locator(".wg-tok")
             n = tokens.count()
             assert n > 10 and views.first.inner_text() == paragraph  # every token shown, the text intact
@@ -78,6 +78,13 @@ def test_score_page_shades_tokens_side_by_side_then_a_stopped_api_is_friendly(se
             assert diff.count() == n and "minus" in diff.nth(3).get_attribute("data-tip")
             tokens.nth(3).hover()
             page.screenshot(path=tmp_path / "1-scored.png", full_page=True)
+
+            page.get_by_text("Paste text").click()  # a text of one's own, with markup-like characters
+            own = "Data science uses <statistics> & [algorithms]; = Rome = *covers* it."
+            box.fill(own)
+            box.press("Control+Enter")  # Streamlit applies a text area's value on Ctrl+Enter
+            page.get_by_role("button", name="Score").click()
+            expect(page.locator(".wg-scored").first).to_have_text(own, timeout=60_000)
 
             stop(api)  # the main backend goes away: scoring again must say so, not crash or hang
             page.get_by_role("button", name="Score").click()
