@@ -60,3 +60,10 @@ def test_split_echo_of_an_upstream_s_first_event():
     assert [s.text for s in prompt] == ["Data", " is"] and text == " fun" and [s.text for s in rest] == [" fun"]
     prompt, text, rest = split_echo([11, 12], "Data is fun", scores, None)  # token ids: count them
     assert len(prompt) == 2 and text == " fun" and len(rest) == 1
+
+
+def test_bits_per_byte_counts_the_text_s_bytes_not_replacement_characters():
+    # "東" is 3 UTF-8 bytes split into two tokens that each decode alone to U+FFFD
+    obj = {"tokens": ["A", "\ufffd", "\ufffd"], "token_logprobs": [None, -LN2, -LN2], "top_logprobs": [None, {}, {}]}
+    assert from_openai(obj, text="A東").n_bytes == 3 and from_openai(obj).n_bytes == 6
+    assert from_openai(obj, text="A東").bits_per_byte == pytest.approx(2 / 3)

@@ -44,6 +44,7 @@ class Scored:
 
     model: str
     tokens: list[TokenScore]
+    text: str | None = None  # the scored text itself, where known (the API echoes it)
 
     @property
     def scored(self) -> list[TokenScore]:
@@ -51,8 +52,13 @@ class Scored:
 
     @property
     def n_bytes(self) -> int:
-        """UTF-8 bytes of the scored tokens' text, the unscored first token left out."""
+        """UTF-8 bytes of the scored tokens' text, the unscored first token left out. From the
+        text itself where known: a token that is part of a multi-byte character spells U+FFFD
+        (3 bytes) on its own, whatever its real byte count."""
         first = next((i for i, t in enumerate(self.tokens) if t.logprob is not None), len(self.tokens))
+        unscored = len("".join(t.text for t in self.tokens[:first]).encode("utf-8"))
+        if self.text is not None and first < len(self.tokens):
+            return len(self.text.encode("utf-8")) - unscored
         return len("".join(t.text for t in self.tokens[first:]).encode("utf-8"))
 
     @property
@@ -77,7 +83,7 @@ class Scored:
                 f"{n} tokens scored ({self.n_bytes} bytes; the first token has no context)")
 
 
-def from_openai(logprobs: dict, model: str = "", top_n: int | None = None) -> Scored:
+def from_openai(logprobs: dict, model: str = "", top_n: int | None = None, text: str | None = None) -> Scored:
     """A Scored from OpenAI's legacy logprobs object (ours, vLLM's or OpenAI's), keeping the
     `top_n` best alternatives (the object also names the chosen token, however unlikely)."""
     tokens, values = logprobs.get("tokens") or [], logprobs.get("token_logprobs") or []
@@ -86,11 +92,11 @@ def from_openai(logprobs: dict, model: str = "", top_n: int | None = None) -> Sc
         raise ValueError(f"logprobs lists differ in length: {len(tokens)} tokens, {len(values)} "
                          f"token_logprobs, {len(tops)} top_logprobs")
     out = []
-    for text, value, top in zip(tokens, values, tops):
+    for token, value, top in zip(tokens, values, tops):
         ranked = sorted((top or {}).items(), key=lambda kv: -kv[1])
-        out.append(TokenScore(str(text), None if value is None else float(value),
+        out.append(TokenScore(str(token), None if value is None else float(value),
                               [(str(k), float(v)) for k, v in ranked][:top_n]))
-    return Scored(model, out)
+    return Scored(model, out, text)
 
 
 def surprise_delta(a: Scored, b: Scored) -> list[float | None]:
