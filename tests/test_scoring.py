@@ -67,3 +67,12 @@ def test_bits_per_byte_counts_the_text_s_bytes_not_replacement_characters():
     obj = {"tokens": ["A", "\ufffd", "\ufffd"], "token_logprobs": [None, -LN2, -LN2], "top_logprobs": [None, {}, {}]}
     assert from_openai(obj, text="A東").n_bytes == 3 and from_openai(obj).n_bytes == 6
     assert from_openai(obj, text="A東").bits_per_byte == pytest.approx(2 / 3)
+
+
+def test_split_characters_are_shown_whole_on_their_first_token():
+    from wikigpt.scoring import spelled
+
+    obj = {"tokens": ["A", "\ufffd", "\ufffd", " b", "\ufffd"], "token_logprobs": [None, -1.0, -1.0, -1.0, -1.0],
+           "top_logprobs": [None, {}, {}, {}, {}]}
+    assert spelled(from_openai(obj, text="A東 bé")) == ["A", "東", "", " b", "é"]
+    assert spelled(from_openai(obj)) == ["A", "\ufffd", "\ufffd", " b", "\ufffd"]  # no text: the tokens

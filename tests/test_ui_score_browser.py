@@ -79,8 +79,9 @@ def test_score_page_shades_tokens_side_by_side_then_a_stopped_api_is_friendly(se
             tokens.nth(3).hover()
             page.screenshot(path=tmp_path / "1-scored.png", full_page=True)
 
-            page.get_by_text("Paste text").click()  # a text of one's own, with markup-like characters
-            own = "Data science uses <statistics> & [algorithms]; = Rome = *covers* it."
+            # a text of one's own, with markup-like characters and characters split across tokens
+            page.get_by_text("Paste text").click()
+            own = "Data science uses <statistics> & [algorithms]; = Rome = *covers* it in 東京 café."
             box.fill(own)
             box.press("Control+Enter")  # Streamlit applies a text area's value on Ctrl+Enter
             page.get_by_role("button", name="Score").click()

@@ -99,6 +99,33 @@ def from_openai(logprobs: dict, model: str = "", top_n: int | None = None, text:
     return Scored(model, out, text)
 
 
+def spelled(scored: Scored) -> list[str]:
+    """Each token's text as it stands in the scored text, for display: a character split across
+    tokens (each of which spells U+FFFD alone) is shown whole on the first of them, the others
+    empty, so the pieces join into the text itself."""
+    pieces = [t.text for t in scored.tokens]
+    text = scored.text
+    if text is None or "".join(pieces) == text:
+        return pieces
+    out, pos, i = [], 0, 0
+    while i < len(pieces):
+        if "\ufffd" not in pieces[i] and text.startswith(pieces[i], pos):
+            out.append(pieces[i])
+            pos += len(pieces[i])
+            i += 1
+            continue
+        j = i  # a run of partial tokens: up to where the next whole token stands in the text
+        while j < len(pieces) and ("\ufffd" in pieces[j] or not pieces[j]):
+            j += 1
+        end = text.find(pieces[j], pos) if j < len(pieces) else len(text)
+        if end < 0:
+            return pieces  # the text and its tokens disagree beyond repair: show the tokens
+        run = max(j - i, 1)
+        out += [text[pos:end]] + [""] * (run - 1)
+        pos, i = end, i + run
+    return out if "".join(out) == text else pieces
+
+
 def surprise_delta(a: Scored, b: Scored) -> list[float | None]:
     """Per-token surprise of `b` minus `a` (bits; negative: `b` found the token likelier), or
     None where a token has no score in either. Only texts tokenized alike line up."""

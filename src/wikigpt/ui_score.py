@@ -20,7 +20,7 @@ from pathlib import Path
 import streamlit as st
 
 from wikigpt.client import BackendError, fetch_health, score_text
-from wikigpt.scoring import Scored, fmt_p, paragraphs, shade, show_token, surprise_delta
+from wikigpt.scoring import Scored, fmt_p, paragraphs, shade, show_token, spelled, surprise_delta
 from wikigpt.settings import UISettings
 from wikigpt.ui import escape_markdown
 
@@ -59,10 +59,10 @@ def tooltip(scored: Scored, i: int) -> str:
 def shaded_html(scored: Scored, colours: list[str], tips: list[str]) -> str:
     """The text as spans, one a token, each with its background and hover text."""
     spans = []
-    for t, colour, tip in zip(scored.tokens, colours, tips):
+    for text, colour, tip in zip(spelled(scored), colours, tips):
         tip = html.escape(tip, quote=True)  # shown on hover by the style above; aria-label for screen readers
         spans.append(f'<span class="wg-tok" style="background:{colour}" data-tip="{tip}" aria-label="{tip}">'
-                     f"{html.escape(t.text)}</span>")
+                     f"{html.escape(text)}</span>")
     return STYLE + '<div class="wg-scored">' + "".join(spans) + "</div>"
 
 
