@@ -70,3 +70,22 @@ def test_logprobs_out_of_range_is_refused(engine):
         assert exc.value.param == "logprobs"
 
     asyncio.run(main())
+
+
+def test_an_eos_that_ends_the_output_keeps_its_score(tiny_lm):
+    """lm-eval reads one generated score after the prompt; when that token is EOS it must be
+    there (as vLLM returns it), with no text. EOS is made the certain choice by lifting its
+    logit in the LM head, the only part of the model this test changes."""
+    eng = Engine(tiny_lm, max_batch_size=2).start()
+    try:
+        eng.ready.wait(60)
+        head = eng.forward.head
+        eng.forward.head = lambda x: head(x).index_add_(
+            1, torch.tensor([eng.eos_id]), torch.full((x.shape[0], 1), 50.0, dtype=x.dtype))
+        chunks = collect(eng, PROMPT, SamplingParams(max_new_tokens=4, temperature=0.0), logprobs=1, echo=True)
+    finally:
+        eng.stop()
+    scored = [t for c in chunks for t in c.logprobs]
+    assert chunks[-1].finish_reason == "stop" and "".join(c.text for c in chunks) == ""
+    assert [t.token_id for t in scored] == [eng.eos_id] and scored[0].text == ""
+    assert scored[0].logprob > -1e-3 and len(chunks[0].prompt_logprobs) == len(eng.encode(PROMPT))

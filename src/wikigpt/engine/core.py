@@ -351,9 +351,7 @@ class Engine:
         if r.cancelled:
             return False
         out = r.output
-        if token == self.eos_id and not r.ignore_eos:
-            if r.logprobs is not None:
-                out.pending.pop()  # EOS ends the output; it is not part of it
+        if token == self.eos_id and not r.ignore_eos:  # its score stays (lm-eval reads it), its text is ""
             self._emit(r, out.chunk(out.finish(), "stop"))
             return False
         text = out.append(token)
