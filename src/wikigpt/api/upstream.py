@@ -21,28 +21,19 @@ import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import httpx
 
 from ..errors import (NotReadyError, OverloadedError, UpstreamError, UpstreamRejectedError,
                       UpstreamTimeoutError, WikigptError)
 from ..generation import ContinuationFilter
+from ..outputs import Chunk
 from ..settings import SamplingParams, ServeSettings
 from .logprobs import from_openai, split_echo
 
 log = logging.getLogger("wikigpt.upstream")
 POLL_SECONDS = 2.0  # how stale /ready may be when the upstream goes away between requests
-
-
-@dataclass
-class Chunk:
-    text: str
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    logprobs: list = field(default_factory=list)  # the upstream's token scores, when asked for
-    prompt_logprobs: list | None = None
 
 
 @dataclass
