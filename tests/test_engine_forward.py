@@ -126,3 +126,21 @@ def test_other_architectures_use_the_transformers_forward(tmp_path, tiny_model_d
         eng.stop()
     assert eng.info()["forward"] == "HFForward"
     assert got == want
+
+
+def test_a_vocabulary_padded_for_the_head_gives_the_same_logits():
+    """GPT-2's 50,257-row head is padded to a multiple of 64 for oneDNN; the padding's logits
+    never reach the caller (a 509-token vocabulary here, padded to 512)."""
+    from types import SimpleNamespace
+
+    from transformers import GPT2Config, GPT2LMHeadModel, set_seed
+
+    set_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=509, n_positions=64, n_embd=32, n_layer=1, n_head=2)).eval()
+    lm = SimpleNamespace(model=model, device=torch.device("cpu"))
+    f = lean(lm, slots=2)
+    assert f.head.weight.shape[0] == 512
+    with torch.inference_mode():
+        logits = f.prefill([f.allocate()], [[1, 2, 3]])
+    assert logits.shape == (1, 509)
+    assert_matches(lm, logits, [[1, 2, 3]])

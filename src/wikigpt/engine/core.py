@@ -28,7 +28,7 @@ import torch
 from ..errors import EngineError, InvalidRequestError, OverloadedError
 from ..modeling import LoadedModel, serving_dtype
 from ..settings import SamplingParams
-from .gpt2 import GPT2Forward, unsupported_reason
+from .gpt2 import GPT2Forward, padded_head, unsupported_reason
 from .hf import HFForward
 from .kernels import Kernels, choose_kernels
 from .kv_cache import SlotKVCache
@@ -189,7 +189,7 @@ class Engine:
             self.dtype = serving_dtype(self.lm, "auto")
         reason = unsupported_reason(model)
         if reason is None:
-            head = model.get_output_embeddings().weight.detach().to(self.dtype)
+            head = padded_head(model.get_output_embeddings().weight.detach().to(self.dtype))
             cfg = model.config
             self.kernels = choose_kernels(head, compile=self.compile, batch=slots, heads=cfg.n_head,
                                           head_dim=cfg.n_embd // cfg.n_head)

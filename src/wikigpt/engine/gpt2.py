@@ -27,6 +27,15 @@ _ACTIVATIONS = {
 }
 
 
+def padded_head(weight: torch.Tensor, multiple: int = 64) -> torch.Tensor:
+    """The LM head with zero rows up to a multiple of 64 (nanoGPT's vocabulary padding).
+    oneDNN blocks its GEMMs in 16/64-wide tiles and handles GPT-2's 50,257 rows with a slow
+    remainder path: padded to 50,304, the bf16 head at 32 rows took 8.4 ms instead of 13.0
+    (measured on the 2-core AVX512-BF16 EPYC). The extra logits are sliced off."""
+    extra = -weight.shape[0] % multiple
+    return torch.cat([weight, weight.new_zeros(extra, weight.shape[1])]) if extra else weight
+
+
 def unsupported_reason(model) -> str | None:
     """Why this model cannot use the lean forward, or None when it can."""
     cfg = model.config
@@ -72,7 +81,8 @@ class GPT2Forward:
         self.blocks = [_Block(sd, f"transformer.h.{i}.", dtype, kernels) for i in range(cfg.n_layer)]
         self.ln_f = (sd["transformer.ln_f.weight"].to(dtype), sd["transformer.ln_f.bias"].to(dtype))
         head = sd.get("lm_head.weight", sd["transformer.wte.weight"]).to(dtype)
-        self.head = Linear(head, None, kernels)
+        self.vocab = head.shape[0]
+        self.head = Linear(padded_head(head), None, kernels)
 
     def _norm(self, x: torch.Tensor, ln: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         return F.layer_norm(x, (self.dim,), ln[0], ln[1], self.eps)
@@ -81,7 +91,7 @@ class GPT2Forward:
         return x + block.mlp_proj(self.act(block.fc(self._norm(x, block.ln2))))
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self._norm(x, self.ln_f)).float()
+        return self.head(self._norm(x, self.ln_f))[:, :self.vocab].float()
 
     def prefill(self, slots: list[int], prompts: list[list[int]], every_position: bool = False):
         """Run the prompts (right-padded into one batch), store their keys and values in their
