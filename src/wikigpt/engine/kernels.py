@@ -87,13 +87,17 @@ def _pack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight, 32)
 
 
-def _best_time(fn: Callable[[], torch.Tensor], seconds: float = 0.3, runs: int = 20) -> float:
-    fn()  # first call: kernel selection, compilation
-    best, deadline = float("inf"), time.perf_counter() + seconds
+def _best_times(*fns: Callable[[], torch.Tensor], seconds: float = 0.6, runs: int = 20) -> list[float]:
+    """Best time of each candidate, the calls interleaved (a, b, a, b, ...) so that a burst
+    of load from elsewhere on the machine slows both alike instead of deciding the choice."""
+    for fn in fns:
+        fn()  # first call: kernel selection, compilation
+    best, deadline = [float("inf")] * len(fns), time.perf_counter() + seconds
     for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - start)
         if time.perf_counter() > deadline:
             break
     return best
@@ -113,11 +117,9 @@ def choose_kernels(weight: torch.Tensor, *, compile: bool, batch: int = 32, head
     with torch.inference_mode():
         one = torch.randn(1, weight.shape[1], dtype=weight.dtype)
         many = torch.randn(batch, weight.shape[1], dtype=weight.dtype)
-        plain_one = _best_time(lambda: F.linear(one, weight))
-        plain_many = _best_time(lambda: F.linear(many, weight))
         if compile:
             try:
-                kernels.gemv = _try_gemv(weight, one, plain_one)
+                kernels.gemv = _try_gemv(weight, one)
                 kernels.attention = _try_attention(weight.dtype, batch, heads, head_dim)
             except Exception as exc:  # no C++ compiler, an Inductor bug: keep eager kernels, say why
                 log.warning("torch.compile unavailable (%s: %s); decoding uses eager kernels",
@@ -126,19 +128,19 @@ def choose_kernels(weight: torch.Tensor, *, compile: bool, batch: int = 32, head
             packed = _pack(weight)
             run = lambda: torch.ops.mkldnn._linear_pointwise(many, packed, None, "none", [], "")  # noqa: E731
             if _close(run(), F.linear(many, weight)):
-                t = _best_time(run)
-                log.info("%d rows: oneDNN packed %.2f ms vs F.linear %.2f ms", batch, t * 1e3, plain_many * 1e3)
-                kernels.packed = t < plain_many
+                t, plain = _best_times(run, lambda: F.linear(many, weight))
+                log.info("%d rows: oneDNN packed %.2f ms vs F.linear %.2f ms", batch, t * 1e3, plain * 1e3)
+                kernels.packed = t < plain
         except (RuntimeError, AttributeError) as exc:  # op missing in this torch build / dtype
             log.info("oneDNN packed weights unavailable for %s: %s", weight.dtype, str(exc).splitlines()[0][:200])
     return kernels
 
 
-def _try_gemv(weight: torch.Tensor, one: torch.Tensor, plain: float) -> Callable | None:
+def _try_gemv(weight: torch.Tensor, one: torch.Tensor) -> Callable | None:
     gemv = torch.compile(_gemv, dynamic=False)
     if not _close(gemv(one, weight, None), F.linear(one, weight)):
         return None
-    t = _best_time(lambda: gemv(one, weight, None))
+    t, plain = _best_times(lambda: gemv(one, weight, None), lambda: F.linear(one, weight))
     log.info("one row: compiled GEMV %.2f ms vs F.linear %.2f ms", t * 1e3, plain * 1e3)
     return gemv if t < plain else None
 
@@ -156,7 +158,7 @@ def _try_attention(dtype: torch.dtype, rows: int, heads: int, head_dim: int, spa
         args = (q, cache, cache, mask, head_dim ** -0.5)
         if not _close(attention(*args), sdpa_decode_attention(*args)):
             return sdpa_decode_attention
-        fast, slow = _best_time(lambda: attention(*args)), _best_time(lambda: sdpa_decode_attention(*args))
+        fast, slow = _best_times(lambda: attention(*args), lambda: sdpa_decode_attention(*args))
         log.info("attention, %d rows: compiled %.2f ms vs SDPA %.2f ms", n, fast * 1e3, slow * 1e3)
         if n > 1 and fast < slow:
             best = attention
