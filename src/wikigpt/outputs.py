@@ -6,6 +6,9 @@ torch so that a gateway process never imports it.
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 
@@ -30,3 +33,40 @@ class Chunk:
     completion_tokens: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)  # tokens sampled since the last chunk
     prompt_logprobs: list[TokenLogprob | None] | None = None  # first chunk, when echo was asked
+
+
+class ChunkStream:
+    """Async iterator over one request's chunks, which a producer (the engine's worker thread,
+    the upstream relay) puts on `queue`: an exception put there is raised to the reader, and
+    a reader that stops before the last chunk cancels the request, freeing its slot."""
+
+    def __init__(self, queue: asyncio.Queue, prompt_tokens: int = 0) -> None:
+        self._out = queue
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        self.first_token_at: float | None = None
+
+    def __aiter__(self) -> AsyncIterator[Chunk]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Chunk]:
+        try:
+            while self.finish_reason is None:
+                item = await self._out.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if self.first_token_at is None:
+                    self.first_token_at = time.perf_counter()
+                self.completion_tokens, self.finish_reason = item.completion_tokens, item.finish_reason
+                yield item
+        finally:
+            if self.finish_reason is None:
+                self.cancel()
+
+    async def text(self) -> str:
+        """The whole continuation (consumes the stream)."""
+        return "".join([c.text async for c in self])
+
+    def cancel(self) -> None:
+        raise NotImplementedError

@@ -20,7 +20,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
@@ -28,7 +28,7 @@ import httpx
 from ..errors import (NotReadyError, OverloadedError, UpstreamError, UpstreamRejectedError,
                       UpstreamTimeoutError, WikigptError)
 from ..generation import ContinuationFilter
-from ..outputs import Chunk
+from ..outputs import Chunk, ChunkStream
 from ..settings import SamplingParams, ServeSettings
 from .logprobs import from_openai, split_echo
 
@@ -180,15 +180,12 @@ class UpstreamClient:
         return err
 
 
-class UpstreamStream:
+class UpstreamStream(ChunkStream):
     """One forwarded completion; the same surface as the engine's RequestStream, plus `opened()`."""
 
     def __init__(self, client: UpstreamClient, body: dict, stop: list[str], max_tokens_name: str) -> None:
+        super().__init__(asyncio.Queue())
         self._client, self._body, self._stop, self._name = client, body, stop, max_tokens_name
-        self.prompt_tokens = self.completion_tokens = 0
-        self.finish_reason: str | None = None
-        self.first_token_at: float | None = None
-        self._out: asyncio.Queue = asyncio.Queue()
         self._opened: asyncio.Future = asyncio.get_running_loop().create_future()
         self._task = asyncio.create_task(self._run())
 
@@ -196,26 +193,6 @@ class UpstreamStream:
         """Returns once the upstream's first event arrived (a refusal can come as an event after
         its 200); raises the upstream's refusal as our error."""
         await asyncio.shield(self._opened)
-
-    def __aiter__(self) -> AsyncIterator[Chunk]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[Chunk]:
-        try:
-            while self.finish_reason is None:
-                item = await self._out.get()
-                if isinstance(item, BaseException):
-                    raise item
-                if self.first_token_at is None:
-                    self.first_token_at = time.perf_counter()
-                self.completion_tokens, self.finish_reason = item.completion_tokens, item.finish_reason
-                yield item
-        finally:
-            if self.finish_reason is None:
-                self.cancel()
-
-    async def text(self) -> str:
-        return "".join([c.text async for c in self])
 
     def cancel(self) -> None:
         self._task.cancel()  # leaves `async with stream(...)`: the upstream connection closes

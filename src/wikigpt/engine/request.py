@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from ..outputs import ChunkStream
 from ..settings import SamplingParams
 from .output import Chunk, RequestOutput
 from .sampling import RowSampling
@@ -51,37 +51,12 @@ def deliver(items: list[tuple[Request, Chunk]]) -> None:
         r.out.put_nowait(chunk)
 
 
-class RequestStream:
-    """Async iterator over one request's output chunks; `cancel()` frees its batch slot."""
+class RequestStream(ChunkStream):
+    """One engine request's chunks; `cancel()` frees its batch slot."""
 
     def __init__(self, req: Request, engine: Engine) -> None:
+        super().__init__(req.out, len(req.prompt_ids))
         self._req, self._engine = req, engine
-        self.prompt_tokens = len(req.prompt_ids)
-        self.completion_tokens = 0
-        self.finish_reason: str | None = None
-        self.first_token_at: float | None = None
-
-    def __aiter__(self) -> AsyncIterator[Chunk]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[Chunk]:
-        try:
-            while self.finish_reason is None:
-                item = await self._req.out.get()
-                if isinstance(item, BaseException):
-                    raise item
-                if self.first_token_at is None:
-                    self.first_token_at = time.perf_counter()
-                self.completion_tokens = item.completion_tokens
-                self.finish_reason = item.finish_reason
-                yield item
-        finally:
-            if self.finish_reason is None:
-                self.cancel()
-
-    async def text(self) -> str:
-        """The whole continuation (consumes the stream)."""
-        return "".join([c.text async for c in self])
 
     def cancel(self) -> None:
         if not self._req.cancelled:
