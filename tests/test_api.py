@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import require
 from wikigpt.generation import generate
 from wikigpt.settings import SamplingParams, ServeSettings
 
@@ -87,9 +88,9 @@ def metric(text: str, name: str, **labels) -> float:
     return total
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_cli_serve_answers_the_original_curl_call(tiny_model_dir):
     """`wikigpt serve` in a subprocess; the README's exact curl call, without Content-Type."""
+    require(shutil.which("curl"), "curl is not installed (.ci/run installs it)")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WIKIGPT_API_KEY": ""}
     env.pop("WIKIGPT_API_KEY")
     proc = subprocess.Popen([sys.executable, "-m", "wikigpt.cli", "serve", "--model", str(tiny_model_dir),

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, require
 from tests.test_api import BAD, LiveServer, metric
 from wikigpt.api.upstream import UpstreamClient
 from wikigpt.generation import generate
@@ -81,8 +81,8 @@ def client(gw):
         yield c
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_cli_gateway_answers_the_original_curl_call(upstream, tiny_model_dir):
+    require(shutil.which("curl"), "curl is not installed (.ci/run installs it)")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("WIKIGPT_")}
     proc = subprocess.Popen([sys.executable, "-m", "wikigpt.cli", "serve", "--upstream", upstream.url,
