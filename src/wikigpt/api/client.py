@@ -61,7 +61,11 @@ class ModelFacts(Protocol):
 @runtime_checkable
 class EngineClient(Protocol):
     """What serving a model needs. `submit` is called on the event loop and raises
-    InvalidRequestError (bad prompt) or OverloadedError (queue full) at once."""
+    InvalidRequestError (bad prompt) or OverloadedError (queue full) at once.
+
+    An implementation for which a whole answer is cheaper than a stream of chunks (the upstream
+    client) may set `whole_answers = True`; its `submit` then gets `stream=False` when the
+    client reads the answer whole."""
 
     ready: threading.Event  # set once requests can be served (model warmed up, upstream answering)
     max_batch_size: int

@@ -64,7 +64,7 @@ class Serving:
         """The original contract: `{"text": "Data Science is"}` -> `{"predictions": text + continuation}`."""
         started = time.perf_counter()
         req = await read_body(request, PredictRequest, self.settings.max_body_bytes)
-        streams = self._submit([(req.text, req.sampling())], False, "max_new_tokens")
+        streams = self._submit([(req.text, req.sampling())], False, "max_new_tokens", streamed=False)
         outs = await self._collect(request, streams, started)
         if outs is None:
             return Response(status_code=499)  # nginx's "client closed request": nobody reads it
@@ -86,7 +86,7 @@ class Serving:
             raise InvalidRequestError(f"the request asks for {len(jobs)} completions (prompts x n); this "
                                       f"server generates at most {cap} per request", param="n")
         echoes = [self._echo(p, scored) if req.echo else "" for p in prompts for _ in range(n)]
-        streams = self._submit(jobs, req.ignore_eos, "max_tokens", **scoring)
+        streams = self._submit(jobs, req.ignore_eos, "max_tokens", streamed=req.stream, **scoring)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": self.name}
         if not req.stream:
@@ -122,9 +122,13 @@ class Serving:
                                       "does not have (upstream mode): send the prompt as text", param="echo")
         return self.client.tokenizer.decode(prompt)
 
-    def _submit(self, jobs: list[Job], ignore_eos: bool, max_tokens_name: str, **scoring) -> list[CompletionStream]:
+    def _submit(self, jobs: list[Job], ignore_eos: bool, max_tokens_name: str, streamed: bool,
+                **scoring) -> list[CompletionStream]:
         """All jobs or none: a refusal of one cancels those already queued. `scoring`: the
-        engine's logprobs/echo/score_only, passed only when asked for."""
+        engine's logprobs/echo/score_only, passed only when asked for. An engine with
+        `whole_answers` (the upstream client) is told when nobody reads the text as it comes."""
+        if not streamed and getattr(self.client, "whole_answers", False):
+            scoring["stream"] = False
         streams: list[CompletionStream] = []
         try:
             for prompt, params in jobs:

@@ -1,10 +1,22 @@
 """An `EngineClient` that forwards completions to an OpenAI-compatible server (`serve --upstream`).
 
-Each completion (one per prompt and per `n`) is one streamed `POST /v1/completions` to the
-upstream, with every sampling field filled in by us (our decoding defaults, not the upstream's)
-and `stream_options.include_usage` for token counts. Its text passes through our
-`ContinuationFilter` piece by piece, as the in-process engine's does. Cancelling a stream closes
-its upstream connection, which is how vLLM learns to abort the request.
+Each completion (one per prompt and per `n`) is one `POST /v1/completions` to the upstream, with
+every sampling field filled in by us (our decoding defaults, not the upstream's) and our stop
+strings, so the upstream stops where we would. Its text passes through our `ContinuationFilter`,
+as the in-process engine's does.
+
+The upstream streams only when our client does. A streamed answer is one SSE event per token:
+the upstream's API server serializes a JSON event and we parse one, per token, so 32 clients x 64
+tokens cost 2,048 events serialized there and parsed here instead of 32 answers, CPU taken from the upstream's engine
+where they share a machine (on 2 cores, relaying every answer as a stream kept ~82 % of vLLM's
+tokens/s). A client that reads its answer whole (`/predict`, `/v1/completions` without `stream`)
+gets one non-streamed upstream answer instead: its whole text fed to the filter at once (the
+same text as fed piece by piece), usage and finish_reason from the same JSON. A streamed answer
+asks for `stream_options.include_usage`, its token counts in a last event.
+
+Cancelling a completion closes its upstream connection, streamed or not, which is how vLLM learns
+to abort the request. The read timeout bounds each gap between events of a stream, and a whole
+non-streamed answer (nothing arrives before its end).
 
 Failures are typed (errors.py): the upstream's 4xx is ours with its message; unreachable, cut
 off mid-answer or a 5xx is 503/502 naming the upstream; no answer within the read timeout 504.
@@ -59,6 +71,7 @@ class UpstreamClient:
         self.not_ready_reason = f"the upstream {self.url} has not answered yet"
         self.on_step: Callable | None = None  # no decoding steps here; kept for the interface
         self.on_upstream: Callable[[float, str], None] | None = None
+        self.whole_answers = True  # submit(stream=False) is cheaper than a stream (the docstring)
         self.in_flight = 0
         self._http: httpx.AsyncClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -91,7 +104,8 @@ class UpstreamClient:
 
     def submit(self, prompt: str | list[int], params: SamplingParams, *, ignore_eos: bool = False,
                max_tokens_name: str = "max_new_tokens", logprobs: int | None = None, echo: bool = False,
-               score_only: bool = False) -> UpstreamStream:
+               score_only: bool = False, stream: bool = True) -> UpstreamStream:
+        """`stream=False`: nobody reads the text piece by piece, so ask for one JSON answer."""
         if not self.lm.name:
             raise NotReadyError(self.not_ready_reason, retry_after=5)
         if self.in_flight >= self.max_in_flight:
@@ -99,8 +113,9 @@ class UpstreamClient:
                                   f"upstream (--max-batch-size + --queue-size); retry shortly")
         body = {"model": self.lm.name, "prompt": prompt, "max_tokens": params.max_new_tokens,
                 "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
-                "repetition_penalty": params.repetition_penalty, "stream": True,
-                "stream_options": {"include_usage": True}}
+                "repetition_penalty": params.repetition_penalty, "stream": stream}
+        if stream:
+            body["stream_options"] = {"include_usage": True}  # token counts in a last event
         if params.seed is not None:
             body["seed"] = params.seed
         if params.stop:
@@ -185,7 +200,10 @@ class UpstreamStream(ChunkStream):
 
     def __init__(self, client: UpstreamClient, body: dict, stop: list[str], max_tokens_name: str) -> None:
         super().__init__(asyncio.Queue())
-        self._client, self._body, self._stop, self._name = client, body, stop, max_tokens_name
+        self._client, self._body, self._name = client, body, max_tokens_name
+        self._filter, self._reason = ContinuationFilter(stop), None
+        self._pieces, self._counted = 0, 0  # text pieces seen; the upstream's own count (usage)
+        self._scores, self._prompt_scores, self._echoed = [], None, not body.get("echo")
         self._opened: asyncio.Future = asyncio.get_running_loop().create_future()
         self._task = asyncio.create_task(self._run())
 
@@ -195,7 +213,7 @@ class UpstreamStream(ChunkStream):
         await asyncio.shield(self._opened)
 
     def cancel(self) -> None:
-        self._task.cancel()  # leaves `async with stream(...)`: the upstream connection closes
+        self._task.cancel()  # leaves the request (or `async with stream(...)`): the connection closes
         if not self._opened.done():
             self._opened.cancel()
 
@@ -203,10 +221,17 @@ class UpstreamStream(ChunkStream):
         c, started, outcome = self._client, time.perf_counter(), "ok"
         c.in_flight += 1  # here, not in __init__: a task cancelled before it starts never runs its finally
         try:
-            async with c._http.stream("POST", "/v1/completions", json=self._body) as r:
+            if self._body["stream"]:
+                async with c._http.stream("POST", "/v1/completions", json=self._body) as r:
+                    if r.status_code >= 400:
+                        raise c._status_error(r.status_code, await r.aread())
+                    await self._relay(r)
+            else:
+                r = await c._http.post("/v1/completions", json=self._body)
                 if r.status_code >= 400:
-                    raise c._status_error(r.status_code, await r.aread())
-                await self._relay(r)
+                    raise c._status_error(r.status_code, r.content)
+                if not self._take(r.json()):  # the whole text fed at once, then the filter's rest
+                    self._finish()
         except asyncio.CancelledError:
             outcome = "cancelled"
             raise
@@ -230,53 +255,56 @@ class UpstreamStream(ChunkStream):
                 c.on_upstream(time.perf_counter() - started, outcome)
 
     async def _relay(self, r: httpx.Response) -> None:
-        """Upstream SSE -> our chunks, through the filter; the finish comes after the usage event.
-        Token scores ride on the next chunk out; an echoed prompt's text is the serving layer's."""
-        filt, pieces, reason = ContinuationFilter(self._stop), 0, None
-        scores, prompt_scores, echoed = [], None, not self._body.get("echo")
-
-        def chunk(text: str, finish: str | None) -> Chunk:
-            nonlocal scores, prompt_scores
-            c = Chunk(text, finish, self.prompt_tokens, pieces, scores, prompt_scores)
-            scores, prompt_scores = [], None
-            return c
-
+        """Upstream SSE -> our chunks, event by event; the finish comes after the usage event."""
         async for line in r.aiter_lines():
             data = line[5:].strip() if line.startswith("data:") else ""
-            if not data:
-                continue
             if data == "[DONE]":
                 break
-            event = json.loads(data)
-            if "error" in event:  # vLLM refuses some bad prompts this way, after its 200
-                code = event["error"].get("code") if isinstance(event["error"], dict) else None
-                if not self._opened.done() and isinstance(code, int) and 400 <= code < 500:
-                    raise self._client._status_error(code, data.encode())
-                raise UpstreamError(f"the upstream {self._client.url} failed mid-answer: "
-                                    f"{_error_message(data.encode())[0]}")
-            if not self._opened.done():
-                self._opened.set_result(None)
-            if usage := event.get("usage"):
-                self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-                pieces = int(usage.get("completion_tokens") or pieces)
-            for choice in event.get("choices") or ():
-                text, new = choice.get("text") or "", from_openai(choice.get("logprobs"))
-                if not echoed:
-                    echoed = True
-                    offsets = (choice.get("logprobs") or {}).get("text_offset")
-                    prompt_scores, text, new = split_echo(self._body["prompt"], text, new, offsets)
-                scores += new
-                pieces += 1 if text else 0
-                out = filt.feed(text)
-                reason = choice.get("finish_reason") or reason
-                if filt.done:  # one of our stop strings: done here, whatever the upstream does
-                    self._out.put_nowait(chunk(out, "stop"))
-                    return
-                if out:
-                    self._out.put_nowait(chunk(out, None))
-        if reason is None:
+            if data and self._take(json.loads(data)):
+                return
+        self._finish()
+
+    def _take(self, answer: dict) -> bool:
+        """One streamed event, or the whole non-streamed answer: its choice's text through our
+        filter as chunks. True once one of our stop strings ended the completion. Token scores
+        ride on the next chunk out; an echoed prompt's text is the serving layer's."""
+        if "error" in answer:  # vLLM refuses some bad prompts this way, after its 200
+            raw, err = json.dumps(answer).encode(), answer["error"]
+            code = err.get("code") if isinstance(err, dict) else None
+            if not self._opened.done() and isinstance(code, int) and 400 <= code < 500:
+                raise self._client._status_error(code, raw)
+            raise UpstreamError(f"the upstream {self._client.url} failed mid-answer: {_error_message(raw)[0]}")
+        if not self._opened.done():
+            self._opened.set_result(None)
+        if usage := answer.get("usage"):
+            self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+            self._counted = int(usage.get("completion_tokens") or 0)
+        for choice in answer.get("choices") or ():
+            text, new = choice.get("text") or "", from_openai(choice.get("logprobs"))
+            if not self._echoed:
+                self._echoed = True
+                offsets = (choice.get("logprobs") or {}).get("text_offset")
+                self._prompt_scores, text, new = split_echo(self._body["prompt"], text, new, offsets)
+            self._scores += new
+            self._pieces += 1 if text else 0
+            out = self._filter.feed(text)
+            self._reason = choice.get("finish_reason") or self._reason
+            if self._filter.done:  # one of our stop strings: done here, whatever the upstream does
+                self._put(out, "stop")
+                return True
+            if out:
+                self._put(out, None)
+        return False
+
+    def _finish(self) -> None:
+        if self._reason is None:
             raise UpstreamError(f"the upstream {self._client.url} ended its answer without a finish_reason")
-        self._out.put_nowait(chunk(filt.finish(), reason))
+        self._put(self._filter.finish(), self._reason)
+
+    def _put(self, text: str, finish: str | None) -> None:
+        self._out.put_nowait(Chunk(text, finish, self.prompt_tokens, self._counted or self._pieces,
+                                   self._scores, self._prompt_scores))
+        self._scores, self._prompt_scores = [], None
 
 
 def _error_message(content: bytes) -> tuple[str, str | None]:
