@@ -9,7 +9,7 @@ import torch
 
 from wikigpt.engine import Engine
 from wikigpt.engine.gpt2 import GPT2Forward, unsupported_reason
-from wikigpt.engine.kernels import Kernels, Linear, _gemv, choose_kernels
+from wikigpt.engine.kernels import Kernels, Linear, choose_kernels, compiled_attention
 from wikigpt.engine.kv_cache import SlotKVCache
 from wikigpt.generation import generate
 from wikigpt.settings import SamplingParams
@@ -82,20 +82,27 @@ def test_packed_linear_equals_plain_linear():
 
 
 @pytest.mark.slow
-def test_compiled_gemv_gives_the_same_numbers(tiny_lm):
-    """torch.compile'd one-row products (Inductor needs a C++ compiler: CI has gcc) inside the
-    forward give HF's logits; choose_kernels keeps whatever it picks numerically equal."""
+def test_compiled_kernels_give_the_same_numbers(tiny_lm):
+    """Inductor-compiled one-row products and attention (Inductor needs a C++ compiler: CI has
+    gcc) inside the forward give HF's logits at one row and at several; choose_kernels keeps
+    whatever it picks numerically equal."""
     head = tiny_lm.model.get_output_embeddings().weight.detach()
+    cfg = tiny_lm.model.config
     x = torch.randn(1, head.shape[1])
-    chosen = choose_kernels(head, compile=True, batch=4)
-    if chosen.gemv is not None:
-        torch.testing.assert_close(chosen.gemv(x, head, None), x @ head.T, rtol=1e-4, atol=1e-4)
-    f = lean(tiny_lm, kernels=Kernels(gemv=torch.compile(_gemv, dynamic=False)))
+    chosen = choose_kernels(head, compile=True, batch=4, heads=cfg.n_head, head_dim=cfg.n_embd // cfg.n_head,
+                            context=cfg.n_positions)
+    if chosen.compiled_gemv:
+        torch.testing.assert_close(chosen.gemv(head, None)(x, head, None), x @ head.T, rtol=1e-4, atol=1e-4)
+    attention = compiled_attention(torch.float32, 4, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.n_positions)
+    f = lean(tiny_lm, kernels=Kernels(compiled_gemv=True, attention=attention))
     with torch.inference_mode():
         slot = f.allocate()
         first = f.prefill([slot], [[1, 2, 3]]).argmax(-1)
-        logits = f.decode([slot], first)
-    assert_matches(tiny_lm, logits, [[1, 2, 3, int(first)]])
+        assert_matches(tiny_lm, f.decode([slot], first), [[1, 2, 3, int(first)]])
+        other = f.allocate()
+        second = f.prefill([other], [[4, 5]]).argmax(-1)
+        nxt = torch.tensor([7, int(second)])
+        assert_matches(tiny_lm, f.decode([slot, other], nxt), [[1, 2, 3, int(first), 7], [4, 5, int(second)]])
 
 
 def test_other_architectures_use_the_transformers_forward(tmp_path, tiny_model_dir):

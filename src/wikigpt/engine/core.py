@@ -192,7 +192,7 @@ class Engine:
             head = padded_head(model.get_output_embeddings().weight.detach().to(self.dtype))
             cfg = model.config
             self.kernels = choose_kernels(head, compile=self.compile, batch=slots, heads=cfg.n_head,
-                                          head_dim=cfg.n_embd // cfg.n_head)
+                                          head_dim=cfg.n_embd // cfg.n_head, context=self.context_length)
             cache = SlotKVCache(model.config.n_layer, slots, model.config.n_head, self.context_length,
                                 model.config.n_embd // model.config.n_head, self.dtype, self.lm.device)
             self.forward = GPT2Forward(model, cache, self.dtype, self.kernels)

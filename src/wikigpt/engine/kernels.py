@@ -3,7 +3,7 @@
 Decoding reads every weight once per step, so a step's time is set by two products:
 - one row (a single sequence): a matrix-vector product, bound by memory bandwidth. oneDNN's
   bf16 GEMV reads the 77 MB DistilGPT2 LM head at well under the machine's bandwidth, while
-  a multiply-and-sum loop that torch.compile (Inductor) writes streams it at close to it;
+  a multiply-and-sum loop that Inductor compiles streams it at close to it;
 - many rows: a matrix-matrix product, bound by the multiply units. oneDNN runs it faster on
   weights reordered once into its blocked layout (what Inductor's "freezing" does) than on
   plain row-major weights it re-blocks at every call.
@@ -17,10 +17,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.proxy_tensor import make_fx
 
 log = logging.getLogger("wikigpt.engine")
 
@@ -50,18 +51,63 @@ def sdpa_decode_attention(q, keys, values, mask, scale):
                                           scale=scale)[:, :, 0]
 
 
+def _inductor(fn: Callable, example: list[torch.Tensor], symbolic: bool = False) -> Callable:
+    """`fn` traced and compiled by Inductor for the shapes of `example` (every size symbolic
+    except 1 with `symbolic`), called without Dynamo: torch.compile's guard checks and wrappers
+    cost ~30 us per call, and a DistilGPT2 token makes 31 such calls (~1 ms of ~8). vLLM
+    compiles its graphs the same way (InductorStandaloneAdaptor)."""
+    graph = make_fx(fn, tracing_mode="symbolic" if symbolic else "real")(*example)
+    return torch._inductor.standalone_compile(
+        graph, example, dynamic_shapes="from_graph" if symbolic else "from_example_inputs")
+
+
+@dataclass
+class Attention:
+    """One-query attention: a compiled or SDPA kernel for one row and for many (one compiled
+    graph cannot serve both: tracing specialises sizes equal to 1)."""
+
+    one: Callable
+    many: Callable
+
+    def __call__(self, q, keys, values, mask, scale) -> torch.Tensor:
+        return (self.one if q.shape[0] == 1 else self.many)(q, keys, values, mask, scale)
+
+    def describe(self, fn: Callable) -> str:
+        return "SDPA" if fn is sdpa_decode_attention else "compiled"
+
+
 @dataclass
 class Kernels:
     """The measured choice for one dtype; `describe()` goes to the logs and the API's `/`."""
 
-    gemv: Callable | None = None  # compiled _gemv for one-row products, or None: F.linear
+    compiled_gemv: bool = False  # one-row products by the compiled _gemv, else F.linear
     packed: bool = False  # oneDNN-blocked weights for many-row products
-    attention: Callable = sdpa_decode_attention  # or the compiled _decode_attention
+    attention: Callable = sdpa_decode_attention  # or an Attention with compiled kernels
+    _gemvs: dict = field(default_factory=dict, repr=False)  # (shape, dtype, bias?) -> compiled
+
+    def gemv(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Callable | None:
+        """The compiled one-row product for `weight`'s shape (compiled on first sight), or None."""
+        if not self.compiled_gemv:
+            return None
+        key = (tuple(weight.shape), weight.dtype, bias is not None)
+        if key not in self._gemvs:
+            self._gemvs[key] = _compile_gemv(weight, bias)
+        return self._gemvs[key]
 
     def describe(self) -> str:
-        return (f"one row: {'compiled GEMV' if self.gemv else 'F.linear'}; "
-                f"many rows: {'oneDNN packed weights' if self.packed else 'F.linear'}; attention: "
-                f"{'SDPA' if self.attention is sdpa_decode_attention else 'compiled'}")
+        att = self.attention
+        att = (f"{att.describe(att.one)} (1 row), {att.describe(att.many)} (more)"
+               if isinstance(att, Attention) else "SDPA")
+        return (f"one row: {'compiled GEMV' if self.compiled_gemv else 'F.linear'}; "
+                f"many rows: {'oneDNN packed weights' if self.packed else 'F.linear'}; attention: {att}")
+
+
+def _compile_gemv(weight: torch.Tensor, bias: torch.Tensor | None) -> Callable:
+    x = torch.zeros(1, weight.shape[1], dtype=weight.dtype, device=weight.device)
+    if bias is None:
+        run = _inductor(lambda x, w: _gemv(x, w, None), [x, weight])
+        return lambda x, w, b: run(x, w)
+    return _inductor(_gemv, [x, weight, bias])
 
 
 class Linear:
@@ -69,7 +115,7 @@ class Linear:
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernels: Kernels) -> None:
         self.weight, self.bias = weight.contiguous(), bias
-        self.gemv = kernels.gemv
+        self.gemv = kernels.gemv(self.weight, bias)
         self.packed = _pack(self.weight) if kernels.packed else None
         if self.packed is not None and self.gemv is None:
             self.weight = None  # only the packed copy is read: do not keep two
@@ -108,7 +154,7 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def choose_kernels(weight: torch.Tensor, *, compile: bool, batch: int = 32, heads: int = 12,
-                   head_dim: int = 64) -> Kernels:
+                   head_dim: int = 64, context: int = 1024) -> Kernels:
     """Time the candidates on `weight` (the biggest one, usually the LM head) and keep the
     faster. CUDA keeps F.linear (cuBLAS is already the fast path there)."""
     kernels = Kernels()
@@ -119,9 +165,10 @@ def choose_kernels(weight: torch.Tensor, *, compile: bool, batch: int = 32, head
         many = torch.randn(batch, weight.shape[1], dtype=weight.dtype)
         if compile:
             try:
-                kernels.gemv = _try_gemv(weight, one)
-                kernels.attention = _try_attention(weight.dtype, batch, heads, head_dim)
+                kernels.compiled_gemv = _gemv_pays(kernels, weight, one)
+                kernels.attention = _choose_attention(weight.dtype, batch, heads, head_dim, context)
             except Exception as exc:  # no C++ compiler, an Inductor bug: keep eager kernels, say why
+                kernels.compiled_gemv, kernels._gemvs = False, {}
                 log.warning("torch.compile unavailable (%s: %s); decoding uses eager kernels",
                             type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
         try:
@@ -136,30 +183,48 @@ def choose_kernels(weight: torch.Tensor, *, compile: bool, batch: int = 32, head
     return kernels
 
 
-def _try_gemv(weight: torch.Tensor, one: torch.Tensor) -> Callable | None:
-    gemv = torch.compile(_gemv, dynamic=False)
+def _gemv_pays(kernels: Kernels, weight: torch.Tensor, one: torch.Tensor) -> bool:
+    kernels.compiled_gemv = True
+    gemv = kernels.gemv(weight, None)
     if not _close(gemv(one, weight, None), F.linear(one, weight)):
-        return None
+        return False
     t, plain = _best_times(lambda: gemv(one, weight, None), lambda: F.linear(one, weight))
     log.info("one row: compiled GEMV %.2f ms vs F.linear %.2f ms", t * 1e3, plain * 1e3)
-    return gemv if t < plain else None
+    return t < plain
 
 
-def _try_attention(dtype: torch.dtype, rows: int, heads: int, head_dim: int, span: int = 128) -> Callable:
-    """Compiled with dynamic shapes (rows and positions vary every step); rows = 1 and rows > 1
-    are two graphs, both compiled here rather than during the first requests."""
-    attention = torch.compile(_decode_attention, dynamic=True)
-    best = sdpa_decode_attention
-    for n in sorted({1, max(2, rows)}):
-        cache = torch.randn(n, heads, span, head_dim, dtype=dtype)
-        q = torch.randn(n, heads, head_dim, dtype=dtype)
-        mask = torch.ones(n, 1, span, dtype=torch.bool)
-        mask[0, 0, span // 2:] = False
-        args = (q, cache, cache, mask, head_dim ** -0.5)
-        if not _close(attention(*args), sdpa_decode_attention(*args)):
-            return sdpa_decode_attention
-        fast, slow = _best_times(lambda: attention(*args), lambda: sdpa_decode_attention(*args))
-        log.info("attention, %d rows: compiled %.2f ms vs SDPA %.2f ms", n, fast * 1e3, slow * 1e3)
-        if n > 1 and fast < slow:
-            best = attention
-    return best
+def compiled_attention(dtype: torch.dtype, rows: int, heads: int, head_dim: int, context: int) -> Attention:
+    """_decode_attention compiled for one row and for 2..rows rows, every other size symbolic
+    (positions and rows change every step), for inputs laid out as gpt2.py passes them: q a
+    view of the fused QKV output, keys/values views of a cache `context` long (the strides are
+    part of the graph)."""
+    scale, kernels = head_dim ** -0.5, []
+    for n in (1, max(2, rows)):
+        run = _inductor(lambda q, k, v, m: _decode_attention(q, k, v, m, scale),
+                        list(_attention_inputs(dtype, n, heads, head_dim, context)), symbolic=True)
+        kernels.append(lambda q, k, v, m, scale, run=run: run(q, k, v, m))  # scale is in the graph
+    return Attention(*kernels)
+
+
+def _attention_inputs(dtype, n, heads, head_dim, context, span: int = 128):
+    """q, keys, values, mask; keys and values distinct tensors (traced with one tensor passed
+    twice, the graph would read the keys for the values)."""
+    keys, values = torch.randn(2, n, heads, max(context, span), head_dim, dtype=dtype)[:, :, :, :span]
+    q = torch.randn(n, 3, heads, head_dim, dtype=dtype)[:, 0]
+    mask = torch.ones(n, 1, span, dtype=torch.bool)
+    mask[0, 0, span // 2:] = False
+    return q, keys, values, mask
+
+
+def _choose_attention(dtype: torch.dtype, rows: int, heads: int, head_dim: int, context: int) -> Attention:
+    """For one row and for many, the compiled kernel where it is faster than SDPA."""
+    compiled, chosen = compiled_attention(dtype, rows, heads, head_dim, context), []
+    for n, fn in ((1, compiled.one), (max(2, rows), compiled.many)):
+        args = (*_attention_inputs(dtype, n, heads, head_dim, context), head_dim ** -0.5)
+        best = sdpa_decode_attention
+        if _close(fn(*args), sdpa_decode_attention(*args)):
+            fast, slow = _best_times(lambda: fn(*args), lambda: sdpa_decode_attention(*args))
+            log.info("attention, %d rows: compiled %.2f ms vs SDPA %.2f ms", n, fast * 1e3, slow * 1e3)
+            best = fn if fast < slow else best
+        chosen.append(best)
+    return Attention(*chosen)
