@@ -11,16 +11,21 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import httpx
 import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
 
 from tests.conftest import free_port, require
 from tests.test_api import BAD, LiveServer, metric
 from wikigpt.api.upstream import UpstreamClient
-from wikigpt.generation import generate
+from wikigpt.generation import clean_continuation, generate
 from wikigpt.settings import SamplingParams, ServeSettings
 
 
@@ -59,6 +64,58 @@ class Upstream:
 def gateway(upstream_url: str, wait_ready: bool = True, **settings) -> LiveServer:
     settings = {"upstream": upstream_url, **settings}
     return LiveServer(client=UpstreamClient(ServeSettings(**settings)), wait_ready=wait_ready, **settings)
+
+
+@contextmanager
+def sent_upstream(srv: LiveServer):
+    """The bodies a gateway sends to its upstream's /v1/completions, as they leave (a request
+    hook on its real httpx client)."""
+    sent: list[dict] = []
+
+    async def record(request: httpx.Request) -> None:
+        if request.url.path == "/v1/completions":
+            sent.append(json.loads(request.content))
+
+    hooks = srv.engine._http.event_hooks["request"]
+    hooks.append(record)
+    try:
+        yield sent
+    finally:
+        hooks.remove(record)
+
+
+def streamed(c: httpx.Client, body: dict) -> tuple[list[str], list[str | None], dict | None]:
+    """`body` asked for as a stream: each choice's text and finish_reason, and the usage."""
+    texts, finishes, usage = defaultdict(str), {}, None
+    with c.stream("POST", "/v1/completions",
+                  json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                event = json.loads(line[6:])
+                assert "error" not in event, event
+                for ch in event["choices"]:
+                    texts[ch["index"]] += ch["text"]
+                    finishes[ch["index"]] = ch["finish_reason"] or finishes.get(ch["index"])
+                usage = event.get("usage") or usage
+    return [texts[i] for i in range(len(texts))], [finishes[i] for i in range(len(texts))], usage
+
+
+def scored_both_ways(srv: LiveServer, **args) -> tuple[list[dict], object, str, list, list]:
+    """A completion with `logprobs` through the gateway, whole and streamed (the `openai`
+    client): the bodies sent upstream, the whole choice, the stream's text, tokens and scores."""
+    import openai
+
+    oc = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    with sent_upstream(srv) as sent:
+        whole = oc.completions.create(**args).choices[0]
+        text, tokens, values = "", [], []
+        for chunk in oc.completions.create(**args, stream=True):
+            for ch in chunk.choices:
+                text += ch.text
+                tokens += ch.logprobs.tokens
+                values += ch.logprobs.token_logprobs
+    return sent, whole, text, tokens, values
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +200,91 @@ def test_openai_client_streams_through_the_gateway(gw, upstream, tiny_lm):
     assert many.usage.prompt_tokens == same.usage.prompt_tokens
 
 
+def test_a_client_that_does_not_stream_gets_one_non_streamed_upstream_answer(gw, client):
+    """/predict and /v1/completions without `stream` ask the upstream for one JSON answer, not an
+    event per token; text, finish_reason and usage equal those of the same request streamed.
+    Our stop strings go upstream either way (the first prompt's greedy text meets "T", the
+    second's does not). Greedy: sampled text may change with how the upstream batches."""
+    body = {"prompt": ["Data science is", "The history of"], "n": 2, "max_tokens": 24, "temperature": 0,
+            "stop": ["T"]}
+    with sent_upstream(gw) as sent:
+        whole = client.post("/v1/completions", json=body).json()
+        texts, finishes, usage = streamed(client, body)
+        predict = client.post("/predict", json={"text": "Data science is", "stop": ["T"]})
+    assert [b["stream"] for b in sent] == [False] * 4 + [True] * 4 + [False]
+    assert [b.get("stream_options") for b in sent] == [None] * 4 + [{"include_usage": True}] * 4 + [None]
+    assert [b["stop"] for b in sent] == [["T"]] * 9
+    assert [c["text"] for c in whole["choices"]] == texts
+    assert [c["finish_reason"] for c in whole["choices"]] == finishes == ["stop", "stop", "length", "length"]
+    assert whole["usage"] == usage and usage["completion_tokens"] > 0
+    assert predict.status_code == 200 and predict.json()["usage"]["completion_tokens"] > 0
+
+
+RAW = ["Rome", " was\n", " \n\n", "\n built", " \t\n\n\n", "in a day", ". The", " END", " of it"]
+
+
+class Scripted:
+    """An OpenAI-compatible upstream on 127.0.0.1 that answers every completion with the raw
+    pieces RAW (streamed: an event a piece, then usage, as vLLM sends them; else one JSON) and
+    keeps the bodies it got. Blank-line runs and a stop string it does not honour, split
+    across two events: what a real upstream sends only by chance."""
+
+    def __init__(self) -> None:
+        import uvicorn
+
+        app, self.bodies = FastAPI(), []
+        usage = {"prompt_tokens": 1, "completion_tokens": len(RAW), "total_tokens": len(RAW) + 1}
+
+        @app.get("/v1/models")
+        def models() -> dict:
+            return {"data": [{"id": "scripted"}]}
+
+        @app.post("/v1/completions")
+        async def complete(request: Request):
+            self.bodies.append(body := await request.json())
+            if not body["stream"]:
+                return {"choices": [{"index": 0, "text": "".join(RAW), "finish_reason": "length"}], "usage": usage}
+            events = [{"choices": [{"index": 0, "text": t, "finish_reason": None if i < len(RAW) - 1 else "length"}]}
+                      for i, t in enumerate(RAW)] + [{"choices": [], "usage": usage}]
+            return StreamingResponse(iter([*(f"data: {json.dumps(e)}\n\n" for e in events), "data: [DONE]\n\n"]),
+                                     media_type="text/event-stream")
+
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+
+
+def test_a_whole_answer_is_cleaned_as_a_stream_is():
+    """The filter on the one non-streamed answer gives the text of the streamed relay: blank-line
+    runs collapsed, cut at our stop string where the upstream ignores it (finish "stop")."""
+    up = Scripted()
+    srv = gateway(up.url)
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            for stop, finish in (([], "length"), (["The END"], "stop")):
+                body = {"prompt": "Data", "stop": stop}
+                whole = c.post("/v1/completions", json=body).json()
+                assert "choices" in whole, whole
+                texts, finishes, usage = streamed(c, body)
+                want = clean_continuation("".join(RAW), stop)
+                assert whole["choices"][0]["text"] == texts[0] == want and "\n\n\n" not in want
+                assert whole["choices"][0]["finish_reason"] == finishes[0] == finish
+                assert whole["usage"]["completion_tokens"] == len(RAW)  # the upstream's count
+                if not stop:
+                    assert whole["usage"] == usage
+        assert [b["stream"] for b in up.bodies] == [False, True, False, True]
+    finally:
+        srv.close()
+        up.close()
+
+
 def test_bad_requests_through_the_gateway_are_clear_4xx(client):
     """The same battery as the native API: our own checks answer locally, the upstream's
     refusals (context length, token ids) come back with its status and message."""
@@ -193,7 +335,7 @@ def test_disconnects_reach_the_upstream_and_a_slow_upstream_is_a_504(long_model_
     up = Upstream(long_model_dir, "--max-batch-size", "1")
     srv = None
     try:
-        srv = gateway(up.url, upstream_read_timeout=2)
+        srv = gateway(up.url)  # the default read timeout: a non-streamed answer arrives only at its end
         with httpx.Client(base_url=srv.url, timeout=60) as c:
             with c.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as r:
                 lines = r.iter_lines()  # kept: a dropped iterator closes the response

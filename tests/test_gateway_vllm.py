@@ -8,7 +8,9 @@ vLLM answers directly, cleaned as our filter cleans it. vLLM takes a minute or t
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +20,7 @@ import pytest
 
 from tests.conftest import free_port, make_tiny_model, require
 from tests.test_api import metric
-from tests.test_gateway import gateway
+from tests.test_gateway import gateway, scored_both_ways, sent_upstream
 from wikigpt.generation import clean_continuation
 
 OUR_DEFAULTS = {"max_tokens": 64, "temperature": 0.8, "top_p": 0.95, "top_k": 50, "repetition_penalty": 1.1}
@@ -110,17 +112,34 @@ def test_openai_client_streams_vllm_text_through_our_filter(gw, vllm):
 
     oc = openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0, timeout=120)
     seeded = dict(model=vllm.model, prompt="The history of", max_tokens=40, seed=11, stop=["\n\n\n"])
-    whole = oc.completions.create(**seeded)
+    with sent_upstream(gw) as sent:
+        whole = oc.completions.create(**seeded)
+        pieces, finishes, usage = [], [], None
+        for chunk in oc.completions.create(**seeded, stream=True, stream_options={"include_usage": True}):
+            for ch in chunk.choices:
+                pieces.append(ch.text)
+                finishes += [ch.finish_reason] if ch.finish_reason else []
+            usage = chunk.usage or usage
     direct = vllm.complete(**{**OUR_DEFAULTS, **seeded})["choices"][0]
     assert whole.choices[0].text == clean_continuation(direct["text"], ["\n\n\n"])
-    pieces, finishes, usage = [], [], None
-    for chunk in oc.completions.create(**seeded, stream=True, stream_options={"include_usage": True}):
-        for ch in chunk.choices:
-            pieces.append(ch.text)
-            finishes += [ch.finish_reason] if ch.finish_reason else []
-        usage = chunk.usage or usage
+    assert [(b["stream"], b["stop"]) for b in sent] == [(False, ["\n\n\n"]), (True, ["\n\n\n"])]
     assert "".join(pieces) == whole.choices[0].text and len(pieces) > 1
-    assert finishes == [direct["finish_reason"]] and usage.completion_tokens == whole.usage.completion_tokens
+    assert finishes == [direct["finish_reason"]] and usage == whole.usage
+
+
+def test_scores_and_echo_from_vllm_streamed_or_not(gw, vllm):
+    """vLLM echoes differently streamed (its first event: the prompt and the first token) and
+    not (one text); both come out as vLLM's own non-streamed answer, cleaned."""
+    greedy = dict(prompt="Data science is", max_tokens=6, echo=True, logprobs=2, temperature=0)
+    sent, whole, text, tokens, values = scored_both_ways(
+        gw, model=vllm.model, **greedy, extra_body={"repetition_penalty": 1.0, "ignore_eos": True})
+    assert [b["stream"] for b in sent] == [False, True]
+    direct = vllm.complete(**greedy, repetition_penalty=1.0, ignore_eos=True)["choices"][0]
+    prompt = greedy["prompt"]
+    assert whole.text == text == prompt + clean_continuation(direct["text"][len(prompt):])
+    assert whole.logprobs.tokens == tokens == direct["logprobs"]["tokens"] and values[0] is None
+    assert values[1:] == pytest.approx(direct["logprobs"]["token_logprobs"][1:], abs=1e-3)
+    assert whole.logprobs.token_logprobs[1:] == pytest.approx(values[1:], abs=1e-3)
 
 
 def test_vllm_refusals_are_our_4xx_with_its_message(gw):
@@ -136,16 +155,28 @@ def test_vllm_refusals_are_our_4xx_with_its_message(gw):
 
 def test_a_client_that_goes_away_aborts_the_vllm_request(gw, vllm):
     """vLLM says so itself: with --enable-log-requests it logs "Aborted request(s) ..." when a
-    request's connection closes (1,000 tokens with EOS ignored: seconds of work left)."""
+    request's connection closes (1,000 tokens with EOS ignored: seconds of work left), for a
+    streamed request and for a non-streamed one (its client gone while vLLM generates)."""
+    long = {"prompt": "Data", "max_tokens": 1000, "ignore_eos": True}
+
+    def wait_aborted(before: int, what: str) -> None:
+        deadline = time.monotonic() + 30
+        while vllm.log_text().count("Aborted request") == before:
+            assert time.monotonic() < deadline, f"vLLM never aborted the {what} request:\n" + vllm.log_tail()
+            time.sleep(0.2)
+
     aborted = vllm.log_text().count("Aborted request")
     with httpx.Client(base_url=gw.url, timeout=120) as c, c.stream(
-            "POST", "/v1/completions", json={"prompt": "Data", "max_tokens": 1000, "ignore_eos": True,
-                                             "stream": True}) as r:
+            "POST", "/v1/completions", json={**long, "stream": True}) as r:
         assert next(r.iter_lines()).startswith("data: ")
-    deadline = time.monotonic() + 30
-    while vllm.log_text().count("Aborted request") == aborted:
-        assert time.monotonic() < deadline, "vLLM never aborted the request:\n" + vllm.log_tail()
-        time.sleep(0.2)
+    wait_aborted(aborted, "streamed")
+    log = vllm.log_text()
+    aborted, received, body = log.count("Aborted request"), log.count("Received request"), json.dumps(long).encode()
+    with socket.create_connection(("127.0.0.1", int(gw.url.rsplit(":", 1)[1])), timeout=30) as conn:
+        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(body), body))
+        gw.wait(lambda: vllm.log_text().count("Received request") > received, "vLLM never got the request")
+    wait_aborted(aborted, "non-streamed")
 
 
 def test_32_concurrent_clients_through_the_gateway_to_vllm(gw, vllm):

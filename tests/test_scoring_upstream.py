@@ -5,10 +5,9 @@ client gets through the gateway equals what it gets from the upstream directly."
 from __future__ import annotations
 
 import httpx
-import openai
 import pytest
 
-from tests.test_gateway import Upstream, gateway
+from tests.test_gateway import Upstream, gateway, scored_both_ways
 
 TEXT = "Data science is an interdisciplinary field that uses statistics"
 
@@ -54,17 +53,11 @@ def test_scores_through_the_gateway_equal_the_upstream_s(gw, upstream, tiny_lm):
 
 
 def test_streamed_echo_with_scores_through_the_gateway(gw, upstream):
-    oc = openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-    model = oc.models.list().data[0].id
-    args = dict(model=model, prompt=TEXT, max_tokens=4, echo=True, logprobs=2, temperature=0,
-                extra_body={"repetition_penalty": 1.0, "ignore_eos": True})
-    whole = oc.completions.create(**args).choices[0]
-    text, tokens, values = "", [], []
-    for chunk in oc.completions.create(**args, stream=True):
-        for ch in chunk.choices:
-            text += ch.text
-            tokens += ch.logprobs.tokens
-            values += ch.logprobs.token_logprobs
+    model = httpx.get(gw.url + "/v1/models").json()["data"][0]["id"]
+    sent, whole, text, tokens, values = scored_both_ways(
+        gw, model=model, prompt=TEXT, max_tokens=4, echo=True, logprobs=2, temperature=0,
+        extra_body={"repetition_penalty": 1.0, "ignore_eos": True})
+    assert [b["stream"] for b in sent] == [False, True]  # the whole answer: one upstream JSON
     assert text == whole.text and text.startswith(TEXT)
     assert tokens == whole.logprobs.tokens and values[0] is None
     assert values[1:] == pytest.approx(whole.logprobs.token_logprobs[1:], abs=1e-5)
