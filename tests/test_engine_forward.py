@@ -9,7 +9,7 @@ import torch
 
 from wikigpt.engine import Engine
 from wikigpt.engine.gpt2 import GPT2Forward, unsupported_reason
-from wikigpt.engine.kernels import Kernels, Linear, choose_kernels, compiled_attention
+from wikigpt.engine.kernels import Kernels, Linear, choose_kernels, compiled_attention, sdpa_decode_attention
 from wikigpt.engine.kv_cache import SlotKVCache
 from wikigpt.generation import generate
 from wikigpt.settings import SamplingParams
@@ -103,6 +103,24 @@ def test_compiled_kernels_give_the_same_numbers(tiny_lm):
         second = f.prefill([other], [[4, 5]]).argmax(-1)
         nxt = torch.tensor([7, int(second)])
         assert_matches(tiny_lm, f.decode([slot, other], nxt), [[1, 2, 3, int(first), 7], [4, 5, int(second)]])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_attention_takes_any_rows_and_positions(dtype):
+    """One graph per row class serves every row count and position: traced with 32 rows and a
+    head size of 32, those two sizes must stay independent (duck shaping would tie them and
+    every other row count would fail the graph's size check)."""
+    heads, hd, context = 2, 32, 256
+    attention = compiled_attention(dtype, hd, heads, hd, context)
+    keys, values = torch.randn(2, 32, heads, context, hd, dtype=dtype)
+    for n, span in [(1, 1), (1, 33), (2, 4), (5, 70), (32, 32), (7, 256)]:
+        q = torch.randn(n, 3, heads, hd, dtype=dtype)[:, 0]
+        mask = torch.rand(n, 1, span) < 0.8
+        mask[..., 0] = True
+        args = (q, keys[:n, :, :span], values[:n, :, :span], mask, hd ** -0.5)
+        torch.testing.assert_close(attention(*args), sdpa_decode_attention(*args),
+                                   **({} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}))
 
 
 def test_other_architectures_use_the_transformers_forward(tmp_path, tiny_model_dir):

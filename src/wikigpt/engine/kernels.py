@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental import _config as fx_config
 from torch.fx.experimental.proxy_tensor import make_fx
 
 log = logging.getLogger("wikigpt.engine")
@@ -56,9 +57,12 @@ def _inductor(fn: Callable, example: list[torch.Tensor], symbolic: bool = False)
     except 1 with `symbolic`), called without Dynamo: torch.compile's guard checks and wrappers
     cost ~30 us per call, and a DistilGPT2 token makes 31 such calls (~1 ms of ~8). vLLM
     compiles its graphs the same way (InductorStandaloneAdaptor)."""
-    graph = make_fx(fn, tracing_mode="symbolic" if symbolic else "real")(*example)
-    return torch._inductor.standalone_compile(
-        graph, example, dynamic_shapes="from_graph" if symbolic else "from_example_inputs")
+    # no duck shaping: sizes that happen to be equal in the example (32 rows, head size 32) must
+    # not become one symbol, or the graph would require them equal at every call
+    with fx_config.patch(use_duck_shape=False):
+        graph = make_fx(fn, tracing_mode="symbolic" if symbolic else "real")(*example)
+        return torch._inductor.standalone_compile(
+            graph, example, dynamic_shapes="from_graph" if symbolic else "from_example_inputs")
 
 
 @dataclass
@@ -169,7 +173,7 @@ def choose_kernels(weight: torch.Tensor, *, compile: bool, batch: int = 32, head
                 kernels.attention = _choose_attention(weight.dtype, batch, heads, head_dim, context)
             except Exception as exc:  # no C++ compiler, an Inductor bug: keep eager kernels, say why
                 kernels.compiled_gemv, kernels._gemvs = False, {}
-                log.warning("torch.compile unavailable (%s: %s); decoding uses eager kernels",
+                log.warning("Inductor unavailable (%s: %s); decoding uses eager kernels",
                             type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
         try:
             packed = _pack(weight)
@@ -223,7 +227,8 @@ def _choose_attention(dtype: torch.dtype, rows: int, heads: int, head_dim: int, 
         args = (*_attention_inputs(dtype, n, heads, head_dim, context), head_dim ** -0.5)
         best = sdpa_decode_attention
         if _close(fn(*args), sdpa_decode_attention(*args)):
-            fast, slow = _best_times(lambda: fn(*args), lambda: sdpa_decode_attention(*args))
+            fast, slow = _best_times(lambda fn=fn, args=args: fn(*args),
+                                     lambda args=args: sdpa_decode_attention(*args))
             log.info("attention, %d rows: compiled %.2f ms vs SDPA %.2f ms", n, fast * 1e3, slow * 1e3)
             best = fn if fast < slow else best
         chosen.append(best)
