@@ -61,11 +61,7 @@ class ModelFacts(Protocol):
 @runtime_checkable
 class EngineClient(Protocol):
     """What serving a model needs. `submit` is called on the event loop and raises
-    InvalidRequestError (bad prompt) or OverloadedError (queue full) at once.
-
-    An implementation for which a whole answer is cheaper than a stream of chunks (the upstream
-    client) may set `whole_answers = True`; its `submit` then gets `stream=False` when the
-    client reads the answer whole."""
+    InvalidRequestError (bad prompt) or OverloadedError (queue full) at once."""
 
     ready: threading.Event  # set once requests can be served (model warmed up, upstream answering)
     max_batch_size: int
@@ -82,9 +78,12 @@ class EngineClient(Protocol):
 
     def submit(self, prompt: str | list[int], params: SamplingParams, *, ignore_eos: bool = False,
                max_tokens_name: str = "max_new_tokens", logprobs: int | None = None, echo: bool = False,
-               score_only: bool = False) -> CompletionStream:
+               score_only: bool = False, stream: bool = True) -> CompletionStream:
         """`logprobs=N` scores each generated token with its N best alternatives, `echo` the
-        prompt too, `score_only` generates nothing (one chunk with the prompt's scores)."""
+        prompt too, `score_only` generates nothing (one chunk with the prompt's scores).
+        `stream=False`: the client reads the answer whole, so an implementation may produce it
+        in one chunk when that is cheaper (the upstream client: one JSON answer, not an SSE
+        event per token); the chunks are consumed the same way either way."""
         ...
 
     def start(self) -> Any: ...

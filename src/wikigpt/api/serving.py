@@ -125,14 +125,11 @@ class Serving:
     def _submit(self, jobs: list[Job], ignore_eos: bool, max_tokens_name: str, streamed: bool,
                 **scoring) -> list[CompletionStream]:
         """All jobs or none: a refusal of one cancels those already queued. `scoring`: the
-        engine's logprobs/echo/score_only, passed only when asked for. An engine with
-        `whole_answers` (the upstream client) is told when nobody reads the text as it comes."""
-        if not streamed and getattr(self.client, "whole_answers", False):
-            scoring["stream"] = False
+        engine's logprobs/echo/score_only, passed only when asked for."""
         streams: list[CompletionStream] = []
         try:
             for prompt, params in jobs:
-                streams.append(self.client.submit(prompt, params, ignore_eos=ignore_eos,
+                streams.append(self.client.submit(prompt, params, ignore_eos=ignore_eos, stream=streamed,
                                                   max_tokens_name=max_tokens_name, **scoring))
         except BaseException as exc:
             _cancel(streams)

@@ -71,7 +71,6 @@ class UpstreamClient:
         self.not_ready_reason = f"the upstream {self.url} has not answered yet"
         self.on_step: Callable | None = None  # no decoding steps here; kept for the interface
         self.on_upstream: Callable[[float, str], None] | None = None
-        self.whole_answers = True  # submit(stream=False) is cheaper than a stream (the docstring)
         self.in_flight = 0
         self._http: httpx.AsyncClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None

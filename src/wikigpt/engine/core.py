@@ -113,8 +113,9 @@ class Engine:
 
     def submit(self, prompt: str | list[int], params: SamplingParams, *, ignore_eos: bool = False,
                max_tokens_name: str = "max_new_tokens", logprobs: int | None = None, echo: bool = False,
-               score_only: bool = False) -> RequestStream:
+               score_only: bool = False, stream: bool = True) -> RequestStream:
         """Queue a request (call on the event loop). Raises OverloadedError when the queue is full.
+        `stream` changes nothing here: chunks are made per step either way.
 
         `logprobs=N` scores each generated token with its N best alternatives; `echo` scores the
         prompt too (only these requests pay for logits at every prompt position); `score_only`
