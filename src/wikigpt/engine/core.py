@@ -293,7 +293,7 @@ class Engine:
         if new:
             new, first = self._prefill(new)
             logits.append(first)
-        rows, logits = running + new, torch.cat(logits)
+        rows, logits = running + new, logits[0] if len(logits) == 1 else torch.cat(logits)
         scored_only = [r for r in new if r.score_only]
         if scored_only:  # prompt scores are all they asked for: done before any sampling
             for r in scored_only:
@@ -335,13 +335,16 @@ class Engine:
     def _sample(self, rows: list[Request], logits: torch.Tensor) -> list[int]:
         slots = torch.tensor([r.slot for r in rows], device=logits.device)
         lengths = [len(r.prompt_ids) + len(r.output.tokens) for r in rows]
-        seen = None
-        if any(r.params.repetition_penalty != 1.0 for r in rows):
-            seen = self._history[slots, :max(lengths)]
+        # the history is read only for the penalty, and a row's penalty is fixed for its life: a
+        # step without one needs neither the read nor the write (the rows of a penalised batch
+        # that have none divide by 1.0, whatever their history holds)
+        penalised = any(r.params.repetition_penalty != 1.0 for r in rows)
+        seen = self._history[slots, :max(lengths)] if penalised else None
         scored = [i for i, r in enumerate(rows) if r.logprobs is not None]
         raw = logits[scored].log_softmax(-1) if scored else None  # before sample() edits logits
         tokens = sample(logits, [r.sampling for r in rows], seen)
-        self._history[slots, torch.tensor(lengths, device=logits.device)] = tokens
+        if penalised:
+            self._history[slots, torch.tensor(lengths, device=logits.device)] = tokens
         ids = tokens.tolist()
         for j, i in enumerate(scored):
             rows[i].output.pending += token_logprobs(self._decode, raw[j:j + 1], [ids[i]], rows[i].logprobs)

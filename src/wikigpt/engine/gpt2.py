@@ -82,7 +82,7 @@ class GPT2Forward:
         self.ln_f = (sd["transformer.ln_f.weight"].to(dtype), sd["transformer.ln_f.bias"].to(dtype))
         head = sd.get("lm_head.weight", sd["transformer.wte.weight"]).to(dtype)
         self.vocab = head.shape[0]
-        self.head = Linear(padded_head(head), None, kernels)
+        self.head = Linear(padded_head(head), None, kernels, float_rows=True)
 
     def _norm(self, x: torch.Tensor, ln: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         return F.layer_norm(x, (self.dim,), ln[0], ln[1], self.eps)

@@ -27,13 +27,14 @@ from torch.fx.experimental.proxy_tensor import make_fx
 log = logging.getLogger("wikigpt.engine")
 
 
-def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+          out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """x [1, in] @ weight[out, in].T, accumulated in float32: Inductor turns this into one
     vectorized pass over the weight (2 bytes read per bf16 weight, no temporaries)."""
     y = (weight.float() * x.float()).sum(-1)
     if bias is not None:
         y = y + bias.float()
-    return y.to(x.dtype)[None]
+    return y.to(out_dtype or x.dtype)[None]
 
 
 def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
@@ -87,15 +88,16 @@ class Kernels:
     compiled_gemv: bool = False  # one-row products by the compiled _gemv, else F.linear
     packed: bool = False  # oneDNN-blocked weights for many-row products
     attention: Callable = sdpa_decode_attention  # or an Attention with compiled kernels
-    _gemvs: dict = field(default_factory=dict, repr=False)  # (shape, dtype, bias?) -> compiled
+    _gemvs: dict = field(default_factory=dict, repr=False)  # (shape, dtypes, bias?) -> compiled
 
-    def gemv(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Callable | None:
+    def gemv(self, weight: torch.Tensor, bias: torch.Tensor | None,
+             out_dtype: torch.dtype | None = None) -> Callable | None:
         """The compiled one-row product for `weight`'s shape (compiled on first sight), or None."""
         if not self.compiled_gemv:
             return None
-        key = (tuple(weight.shape), weight.dtype, bias is not None)
+        key = (tuple(weight.shape), weight.dtype, out_dtype, bias is not None)
         if key not in self._gemvs:
-            self._gemvs[key] = _compile_gemv(weight, bias)
+            self._gemvs[key] = _compile_gemv(weight, bias, out_dtype)
         return self._gemvs[key]
 
     def describe(self) -> str:
@@ -106,20 +108,24 @@ class Kernels:
                 f"many rows: {'oneDNN packed weights' if self.packed else 'F.linear'}; attention: {att}")
 
 
-def _compile_gemv(weight: torch.Tensor, bias: torch.Tensor | None) -> Callable:
+def _compile_gemv(weight: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype | None) -> Callable:
     x = torch.zeros(1, weight.shape[1], dtype=weight.dtype, device=weight.device)
     if bias is None:
-        run = _inductor(lambda x, w: _gemv(x, w, None), [x, weight])
+        run = _inductor(lambda x, w: _gemv(x, w, None, out_dtype), [x, weight])
         return lambda x, w, b: run(x, w)
-    return _inductor(_gemv, [x, weight, bias])
+    run = _inductor(lambda x, w, b: _gemv(x, w, b, out_dtype), [x, weight, bias])
+    return run
 
 
 class Linear:
-    """y = x W^T + b with the kernels chosen for this dtype. x is 2-D [rows, in]."""
+    """y = x W^T + b with the kernels chosen for this dtype. x is 2-D [rows, in]. `float_rows`:
+    the one-row product returns float32 (the LM head: its logits are wanted in float32, and
+    converting to bf16 and back is a second pass and a copy of 50,304 values)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernels: Kernels) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernels: Kernels,
+                 float_rows: bool = False) -> None:
         self.weight, self.bias = weight.contiguous(), bias
-        self.gemv = kernels.gemv(self.weight, bias)
+        self.gemv = kernels.gemv(self.weight, bias, torch.float32 if float_rows else None)
         self.packed = _pack(self.weight) if kernels.packed else None
         if self.packed is not None and self.gemv is None:
             self.weight = None  # only the packed copy is read: do not keep two
@@ -189,7 +195,7 @@ def choose_kernels(weight: torch.Tensor, *, compile: bool, batch: int = 32, head
 
 def _gemv_pays(kernels: Kernels, weight: torch.Tensor, one: torch.Tensor) -> bool:
     kernels.compiled_gemv = True
-    gemv = kernels.gemv(weight, None)
+    gemv = kernels.gemv(weight, None, torch.float32)  # as the LM head uses it
     if not _close(gemv(one, weight, None), F.linear(one, weight)):
         return False
     t, plain = _best_times(lambda: gemv(one, weight, None), lambda: F.linear(one, weight))
