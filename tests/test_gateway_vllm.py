@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -18,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.conftest import free_port, make_tiny_model, require
+from tests.conftest import REPO, free_port, make_tiny_model, require
 from tests.test_api import metric
 from tests.test_gateway import gateway, scored_both_ways, sent_upstream
 from wikigpt.generation import clean_continuation
@@ -195,3 +196,41 @@ def test_32_concurrent_clients_through_the_gateway_to_vllm(gw, vllm):
     after = httpx.get(gw.url + "/metrics").text
     name = "wikigpt_upstream_request_duration_seconds_count"
     assert metric(after, name, outcome="ok") - metric(before, name, outcome="ok") == 32
+
+
+def test_make_run_with_upstream_serves_the_ui_and_the_original_contract_from_vllm(vllm):
+    """The README's command for this mode, as a user runs it: `make run UPSTREAM=<vLLM>` starts
+    the API in upstream mode and the web UI; the original call is answered with vLLM's text."""
+    api, ui = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WIKIGPT_")}
+    proc = subprocess.Popen(["make", "--no-print-directory", "run", f"UPSTREAM={vllm.url}", f"API_PORT={api}",
+                             f"UI_PORT={ui}"], cwd=REPO, env={**env, "HF_HUB_OFFLINE": "1"},
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, "make run exited:\n" + proc.stdout.read().decode(errors="replace")
+            assert time.monotonic() < deadline, "make run: API or UI not up within 180 s"
+            try:
+                ready = httpx.get(f"http://127.0.0.1:{api}/ready", timeout=5).status_code == 200
+                ui_up = httpx.get(f"http://127.0.0.1:{ui}/_stcore/health", timeout=5).text == "ok"
+                if ready and ui_up:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(1)
+        r = httpx.post(f"http://127.0.0.1:{api}/predict", content=b'{"text":"Data Science is"}', timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["predictions"].startswith("Data Science is") and r.json()["model"] == vllm.model
+        assert httpx.get(f"http://127.0.0.1:{api}/").json()["upstream"] == vllm.url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # make's trap stops the API and the UI
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+    for port in (api, ui):  # both gone: nothing left listening
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"http://127.0.0.1:{port}/", timeout=2)
