@@ -179,7 +179,8 @@ def table(rows: list[dict], facts: dict, cfg: dict, prompt_len: float) -> str:
     dtype = facts["wikigpt_dtype"]
     peak = facts["peak_bf16"] if dtype == "bfloat16" else facts["peak_fp32"]
     limit = facts["bandwidth"] / weight_bytes_per_token(cfg, 2 if dtype == "bfloat16" else 4)
-    out.append(f"\nmeasured in this run (the higher of two measurements, before and after the servers): memory read {facts['bandwidth'] / 1e9:.1f} GB/s; matmul peak bf16 "
+    out.append(f"\nmeasured in this run (the higher of two measurements, before and after the servers): "
+               f"memory read {facts['bandwidth'] / 1e9:.1f} GB/s; matmul peak bf16 "
                f"{facts['peak_bf16'] / 1e9:,.0f} GFLOP/s, fp32 {facts['peak_fp32'] / 1e9:,.0f} GFLOP/s. "
                f"wikigpt serves {dtype} ({facts['wikigpt_kernels']}).")
     if 1 in ours:

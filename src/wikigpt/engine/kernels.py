@@ -205,15 +205,17 @@ def _gemv_pays(kernels: Kernels, weight: torch.Tensor, one: torch.Tensor) -> boo
 
 def compiled_attention(dtype: torch.dtype, rows: int, heads: int, head_dim: int, context: int) -> Attention:
     """_decode_attention compiled for one row and for 2..rows rows, every other size symbolic
-    (positions and rows change every step), for inputs laid out as gpt2.py passes them: q a
-    view of the fused QKV output, keys/values views of a cache `context` long (the strides are
-    part of the graph)."""
-    scale, kernels = head_dim ** -0.5, []
-    for n in (1, max(2, rows)):
-        run = _inductor(lambda q, k, v, m: _decode_attention(q, k, v, m, scale),
-                        list(_attention_inputs(dtype, n, heads, head_dim, context)), symbolic=True)
-        kernels.append(lambda q, k, v, m, scale, run=run: run(q, k, v, m))  # scale is in the graph
-    return Attention(*kernels)
+    (positions and rows change every step)."""
+    return Attention(*(_compile_attention(_attention_inputs(dtype, n, heads, head_dim, context), head_dim)
+                       for n in (1, max(2, rows))))
+
+
+def _compile_attention(inputs: tuple[torch.Tensor, ...], head_dim: int) -> Callable:
+    """Traced on `inputs`, laid out as gpt2.py passes them: q a view of the fused QKV output,
+    keys/values views of a cache as long as the real one (the strides are part of the graph)."""
+    scale = head_dim ** -0.5
+    run = _inductor(lambda q, k, v, m: _decode_attention(q, k, v, m, scale), list(inputs), symbolic=True)
+    return lambda q, k, v, m, scale, run=run: run(q, k, v, m)  # scale is in the graph
 
 
 def _attention_inputs(dtype, n, heads, head_dim, context, span: int = 128):
@@ -228,9 +230,10 @@ def _attention_inputs(dtype, n, heads, head_dim, context, span: int = 128):
 
 def _choose_attention(dtype: torch.dtype, rows: int, heads: int, head_dim: int, context: int) -> Attention:
     """For one row and for many, the compiled kernel where it is faster than SDPA."""
-    compiled, chosen = compiled_attention(dtype, rows, heads, head_dim, context), []
-    for n, fn in ((1, compiled.one), (max(2, rows), compiled.many)):
-        args = (*_attention_inputs(dtype, n, heads, head_dim, context), head_dim ** -0.5)
+    chosen = []
+    for n in (1, max(2, rows)):
+        inputs = _attention_inputs(dtype, n, heads, head_dim, context)  # ~100 MB at 32 rows: made once
+        fn, args = _compile_attention(inputs, head_dim), (*inputs, head_dim ** -0.5)
         best = sdpa_decode_attention
         if _close(fn(*args), sdpa_decode_attention(*args)):
             fast, slow = _best_times(lambda fn=fn, args=args: fn(*args),
