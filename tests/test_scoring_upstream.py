@@ -7,23 +7,9 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.test_gateway import Upstream, gateway, scored_both_ways
+from tests.test_gateway import gw, scored_both_ways, upstream  # noqa: F401 - gw, upstream: fixtures
 
 TEXT = "Data science is an interdisciplinary field that uses statistics"
-
-
-@pytest.fixture(scope="module")
-def upstream(tiny_model_dir):
-    up = Upstream(tiny_model_dir)
-    yield up
-    up.kill()
-
-
-@pytest.fixture(scope="module")
-def gw(upstream):
-    srv = gateway(upstream.url)
-    yield srv
-    srv.close()
 
 
 def both(gw, upstream, body: dict) -> tuple[dict, dict]:
