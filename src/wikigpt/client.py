@@ -89,15 +89,22 @@ def _http_error(resp: requests.Response, url: str) -> BackendError:
     return BackendError(f"The backend answered HTTP {resp.status_code}", detail, url, kind=kind)
 
 
-def fetch_health(s: UISettings) -> dict:
-    """GET / of the API: {"status": "ok", "model": ..., ...}; BackendError when it is not healthy."""
-    url = s.api_url + "/"
+def _answer(s: UISettings, method: str, url: str, read_timeout: float, **kwargs) -> requests.Response:
+    """One request read whole; a transport failure or a status other than 200 as a BackendError."""
     try:
-        resp = requests.get(url, headers=_headers(s), timeout=(s.connect_timeout, min(s.read_timeout, 10.0)))
+        resp = requests.request(method, url, headers=_headers(s), timeout=(s.connect_timeout, read_timeout),
+                                **kwargs)
     except requests.RequestException as exc:
         raise _request_failure(exc, url, s) from None
     if resp.status_code != 200:
         raise _http_error(resp, url)
+    return resp
+
+
+def fetch_health(s: UISettings) -> dict:
+    """GET / of the API: {"status": "ok", "model": ..., ...}; BackendError when it is not healthy."""
+    url = s.api_url + "/"
+    resp = _answer(s, "GET", url, read_timeout=min(s.read_timeout, 10.0))
     try:
         health = resp.json()
     except ValueError:
@@ -195,12 +202,7 @@ def score_text(s: UISettings, text: str, top: int = 5, api_url: str | None = Non
     context is the backend's 400, raised as a BackendError that quotes it."""
     url = (api_url or s.api_url).rstrip("/") + "/v1/completions"
     body = {"prompt": text, "max_tokens": 0, "echo": True, "logprobs": top, "temperature": 0}
-    try:
-        resp = requests.post(url, json=body, headers=_headers(s), timeout=(s.connect_timeout, s.read_timeout))
-    except requests.RequestException as exc:
-        raise _request_failure(exc, url, s) from None
-    if resp.status_code != 200:
-        raise _http_error(resp, url)
+    resp = _answer(s, "POST", url, read_timeout=s.read_timeout, json=body)
     try:
         answer = resp.json()
         choice = answer["choices"][0]
