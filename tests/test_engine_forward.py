@@ -107,6 +107,36 @@ def test_compiled_kernels_give_the_same_numbers(tiny_lm):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_row_graphs_equal_the_per_op_forward(tiny_lm, dtype):
+    """A sequence decoding alone goes through the chained one-row graphs, in any slot (here
+    slot 1, slot 0 freed): same logits as the per-op forward, and in fp32 as HF's."""
+    attention = compiled_attention(dtype, 4, tiny_lm.model.config.n_head,
+                                   tiny_lm.model.config.n_embd // tiny_lm.model.config.n_head,
+                                   tiny_lm.model.config.n_positions)
+    f = lean(tiny_lm, dtype=dtype, kernels=Kernels(compiled_gemv=True, attention=attention))
+    assert f.one_row is not None
+    seq = [4, 5, 6]
+    with torch.inference_mode():
+        slots = [f.allocate() for _ in range(2)]
+        f.prefill(slots, [[9, 9], seq])
+        f.release([slots[0]])
+        one_row, per_op, nxt = [], [], 7
+        for _ in range(3):
+            seq.append(nxt)
+            one_row.append(f.decode([slots[1]], torch.tensor([nxt])))
+            f.cache.lengths[slots[1]] -= 1  # the same position again, through the per-op path
+            graphs, f.one_row = f.one_row, None
+            per_op.append(f.decode([slots[1]], torch.tensor([nxt])))
+            f.one_row = graphs
+            if dtype == torch.float32:
+                assert_matches(tiny_lm, one_row[-1], [seq])
+            nxt = int(one_row[-1].argmax())
+    tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 3e-2, "atol": 3e-2}
+    torch.testing.assert_close(torch.cat(one_row), torch.cat(per_op), **tol)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_attention_takes_any_rows_and_positions(dtype):
     """One graph per row class serves every row count and position: traced with 32 rows and a
     head size of 32, those two sizes must stay independent (duck shaping would tie them and

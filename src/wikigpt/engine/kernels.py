@@ -27,8 +27,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 log = logging.getLogger("wikigpt.engine")
 
 
-def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-          out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def row_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """x [1, in] @ weight[out, in].T, accumulated in float32: Inductor turns this into one
     vectorized pass over the weight (2 bytes read per bf16 weight, no temporaries)."""
     y = (weight.float() * x.float()).sum(-1)
@@ -53,7 +53,7 @@ def sdpa_decode_attention(q, keys, values, mask, scale):
                                           scale=scale)[:, :, 0]
 
 
-def _inductor(fn: Callable, example: list[torch.Tensor], symbolic: bool = False) -> Callable:
+def compile_graph(fn: Callable, example: list[torch.Tensor], symbolic: bool = False) -> Callable:
     """`fn` traced and compiled by Inductor for the shapes of `example` (every size symbolic
     except 1 with `symbolic`), called without Dynamo: torch.compile's guard checks and wrappers
     cost ~30 us per call, and a DistilGPT2 token makes 31 such calls (~1 ms of ~8). vLLM
@@ -111,9 +111,9 @@ class Kernels:
 def _compile_gemv(weight: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype | None) -> Callable:
     x = torch.zeros(1, weight.shape[1], dtype=weight.dtype, device=weight.device)
     if bias is None:
-        run = _inductor(lambda x, w: _gemv(x, w, None, out_dtype), [x, weight])
+        run = compile_graph(lambda x, w: row_product(x, w, None, out_dtype), [x, weight])
         return lambda x, w, b: run(x, w)
-    run = _inductor(lambda x, w, b: _gemv(x, w, b, out_dtype), [x, weight, bias])
+    run = compile_graph(lambda x, w, b: row_product(x, w, b, out_dtype), [x, weight, bias])
     return run
 
 
@@ -214,7 +214,7 @@ def _compile_attention(inputs: tuple[torch.Tensor, ...], head_dim: int) -> Calla
     """Traced on `inputs`, laid out as gpt2.py passes them: q a view of the fused QKV output,
     keys/values views of a cache as long as the real one (the strides are part of the graph)."""
     scale = head_dim ** -0.5
-    run = _inductor(lambda q, k, v, m: _decode_attention(q, k, v, m, scale), list(inputs), symbolic=True)
+    run = compile_graph(lambda q, k, v, m: _decode_attention(q, k, v, m, scale), list(inputs), symbolic=True)
     return lambda q, k, v, m, scale, run=run: run(q, k, v, m)  # scale is in the graph
 
 
