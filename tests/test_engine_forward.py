@@ -199,3 +199,30 @@ def test_a_vocabulary_padded_for_the_head_gives_the_same_logits():
         logits = f.prefill([f.allocate()], [[1, 2, 3]])
     assert logits.shape == (1, 509)
     assert_matches(lm, logits, [[1, 2, 3]])
+
+
+@pytest.mark.slow
+def test_compiled_engine_decodes_a_lone_request_as_transformers_does(tiny_lm, monkeypatch):
+    """A request decoding alone in an engine whose start-up chose the compiled products (as it
+    does for DistilGPT2's head; the tiny model's head is too small for them to win, so the
+    choice is made for it here) goes through the one-row graphs, and its greedy text equals
+    transformers' generate in fp32; the engine says which path ran."""
+    import wikigpt.engine.core as core
+
+    def compiled(head, *, compile, batch, heads, head_dim, context):
+        return Kernels(compiled_gemv=True, attention=compiled_attention(head.dtype, batch, heads, head_dim, context))
+
+    monkeypatch.setattr(core, "choose_kernels", compiled)
+    params = SamplingParams(max_new_tokens=12, temperature=0.0, repetition_penalty=1.0)
+    prompt = "The history of the Roman Empire"
+    want = generate(tiny_lm, prompt, params)[len(prompt):]
+    eng = Engine(tiny_lm, max_batch_size=2, compile=True).start()
+    try:
+        async def main():
+            return await eng.submit(prompt, params).text()
+
+        got = asyncio.run(asyncio.wait_for(main(), 300))
+    finally:
+        eng.stop()
+    assert "chained compiled graphs" in eng.info()["kernels"]
+    assert got == want

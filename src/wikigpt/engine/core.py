@@ -104,9 +104,12 @@ class Engine:
 
     def info(self) -> dict:
         """Facts for the API's `/` route and the logs."""
+        kernels = None
+        if isinstance(self.forward, GPT2Forward):
+            kernels = self.kernels.describe() + ("; one sequence alone: the blocks as chained compiled graphs"
+                                                 if self.forward.one_row is not None else "")
         return {"dtype": str(self.dtype).removeprefix("torch."), "device": str(self.lm.device),
-                "forward": type(self.forward).__name__ if self.forward else None,
-                "kernels": self.kernels.describe() if isinstance(self.forward, GPT2Forward) else None}
+                "forward": type(self.forward).__name__ if self.forward else None, "kernels": kernels}
 
     def encode(self, text: str) -> list[int]:
         return self._encoder.encode(text)
