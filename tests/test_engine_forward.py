@@ -203,26 +203,40 @@ def test_a_vocabulary_padded_for_the_head_gives_the_same_logits():
 
 @pytest.mark.slow
 def test_compiled_engine_decodes_a_lone_request_as_transformers_does(tiny_lm, monkeypatch):
-    """A request decoding alone in an engine whose start-up chose the compiled products (as it
-    does for DistilGPT2's head; the tiny model's head is too small for them to win, so the
-    choice is made for it here) goes through the one-row graphs, and its greedy text equals
-    transformers' generate in fp32; the engine says which path ran."""
+    """An engine whose start-up chose the compiled products (as it does for DistilGPT2's head;
+    the tiny model's head is too small for them to win, so the choice is made for it here):
+    a request decoding alone goes through the one-row graphs, rows switch between them and the
+    batched path as requests join and leave (3 requests, 2 slots, different lengths), and every
+    greedy text equals transformers' generate in fp32; the lone request's token scores equal
+    the per-op forward's (greedy text alone would miss small errors: the tiny random model
+    repeats one word); the engine says which path ran."""
     import wikigpt.engine.core as core
 
     def compiled(head, *, compile, batch, heads, head_dim, context):
         return Kernels(compiled_gemv=True, attention=compiled_attention(head.dtype, batch, heads, head_dim, context))
 
+    plain = Engine(tiny_lm, max_batch_size=2).start()  # the per-op forward, built before the patch
+    plain.ready.wait(120)
     monkeypatch.setattr(core, "choose_kernels", compiled)
-    params = SamplingParams(max_new_tokens=12, temperature=0.0, repetition_penalty=1.0)
-    prompt = "The history of the Roman Empire"
-    want = generate(tiny_lm, prompt, params)[len(prompt):]
+    prompts = ["The history of the Roman Empire", "Data science is", "Wikipedia"]
+    lengths = [12, 5, 9]
+    params = [SamplingParams(max_new_tokens=n, temperature=0.0, repetition_penalty=1.0) for n in lengths]
+    want = [generate(tiny_lm, p, sp)[len(p):] for p, sp in zip(prompts, params)]
+
+    async def scores(engine):  # the lone request's token log-probabilities: its logits, in effect
+        return [t.logprob async for c in engine.submit(prompts[0], params[0], logprobs=1) for t in c.logprobs]
+
     eng = Engine(tiny_lm, max_batch_size=2, compile=True).start()
     try:
         async def main():
-            return await eng.submit(prompt, params).text()
+            alone = await eng.submit(prompts[0], params[0]).text()
+            together = await asyncio.gather(*[eng.submit(p, sp).text() for p, sp in zip(prompts, params)])
+            return [alone, *together], await scores(eng), await scores(plain)
 
-        got = asyncio.run(asyncio.wait_for(main(), 300))
+        got, lone_scores, per_op_scores = asyncio.run(asyncio.wait_for(main(), 300))
     finally:
         eng.stop()
+        plain.stop()
     assert "chained compiled graphs" in eng.info()["kernels"]
-    assert got == want
+    assert got == [want[0], *want]
+    assert len(lone_scores) == lengths[0] and lone_scores == pytest.approx(per_op_scores, abs=1e-4)
