@@ -135,6 +135,25 @@ def test_one_row_graphs_equal_the_per_op_forward(tiny_lm, dtype):
     torch.testing.assert_close(torch.cat(one_row), torch.cat(per_op), **tol)
 
 
+def test_one_row_graphs_that_fail_to_compile_leave_the_per_op_path(tiny_lm, monkeypatch, caplog):
+    """An Inductor failure on the one-row graphs is logged with its reason, and a lone sequence
+    then decodes through the per-op forward: still HF's logits."""
+    import wikigpt.engine.gpt2 as gpt2
+
+    def broken(fn, example, symbolic=False):
+        raise RuntimeError("C++ compile error: injected")
+
+    monkeypatch.setattr(gpt2, "compile_graph", broken)
+    with caplog.at_level("WARNING", logger="wikigpt.engine"):
+        f = lean(tiny_lm, kernels=Kernels(compiled_gemv=True))
+    assert f.one_row is None
+    assert "one-row decoding graphs failed to compile (RuntimeError: C++ compile error: injected)" in caplog.text
+    with torch.inference_mode():
+        slot = f.allocate()
+        first = int(f.prefill([slot], [[1, 2, 3]]).argmax())
+        assert_matches(tiny_lm, f.decode([slot], torch.tensor([first])), [[1, 2, 3, first]])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_attention_takes_any_rows_and_positions(dtype):
