@@ -18,7 +18,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from .kernels import Kernels, Linear, compile_graph, row_product
+from .kernels import Kernels, Linear, compile_graph, exception_line, row_product
 from .kv_cache import SlotKVCache
 
 log = logging.getLogger("wikigpt.engine")
@@ -93,7 +93,7 @@ class GPT2Forward:
                 self.one_row = _OneRow(self)
             except Exception as exc:  # an Inductor bug on these graphs: one row keeps the per-op path
                 log.warning("one-row decoding graphs failed to compile (%s: %s); using separate kernels",
-                            type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+                            type(exc).__name__, exception_line(exc))
 
     def _norm(self, x: torch.Tensor, ln: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         return F.layer_norm(x, (self.dim,), ln[0], ln[1], self.eps)
@@ -195,10 +195,10 @@ class _OneRow:
     """
 
     def __init__(self, fw: GPT2Forward) -> None:
-        eps, act, f32 = fw.eps, fw.act, torch.float32
+        act, f32 = fw.act, torch.float32
 
         def norm(x, w, b):
-            return F.layer_norm(x, (x.shape[-1],), w, b, eps)
+            return fw._norm(x, (w, b))
 
         def residual_norm(h, x, w, b, ln_w, ln_b):  # x + h W^T + b, and its layer norm
             x = x + row_product(h, w, b)

@@ -48,6 +48,12 @@ def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     return (probs[..., None] * values.float()).sum(-2).to(q.dtype)
 
 
+def exception_line(exc: BaseException) -> str:
+    """An exception's message for a one-line log: its first line, at most 200 characters."""
+    text = str(exc)
+    return text.splitlines()[0][:200] if text else ""
+
+
 def sdpa_decode_attention(q, keys, values, mask, scale):
     return F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask[:, None],
                                           scale=scale)[:, :, 0]
@@ -180,7 +186,7 @@ def choose_kernels(weight: torch.Tensor, *, compile: bool, batch: int = 32, head
             except Exception as exc:  # no C++ compiler, an Inductor bug: keep eager kernels, say why
                 kernels.compiled_gemv, kernels._gemvs = False, {}
                 log.warning("Inductor unavailable (%s: %s); decoding uses eager kernels",
-                            type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+                            type(exc).__name__, exception_line(exc))
         try:
             packed = _pack(weight)
             run = lambda: torch.ops.mkldnn._linear_pointwise(many, packed, None, "none", [], "")  # noqa: E731
@@ -189,7 +195,7 @@ def choose_kernels(weight: torch.Tensor, *, compile: bool, batch: int = 32, head
                 log.info("%d rows: oneDNN packed %.2f ms vs F.linear %.2f ms", batch, t * 1e3, plain * 1e3)
                 kernels.packed = t < plain
         except (RuntimeError, AttributeError) as exc:  # op missing in this torch build / dtype
-            log.info("oneDNN packed weights unavailable for %s: %s", weight.dtype, str(exc).splitlines()[0][:200])
+            log.info("oneDNN packed weights unavailable for %s: %s", weight.dtype, exception_line(exc))
     return kernels
 
 
