@@ -273,10 +273,11 @@ def main() -> None:
                     print(f"concurrency {c}: {kind}, {n} requests ...", file=sys.stderr, flush=True)
                     # batch 1 is set against the bandwidth of its own minute: on a shared host the
                     # reading moved between 25 and 63 GB/s within minutes (2-core EPYC, KVM)
-                    around = [memory_read_bandwidth()] if kind == "wikigpt" and c == 1 else []
+                    own_bandwidth = kind == "wikigpt" and c == 1
+                    before = memory_read_bandwidth() if own_bandwidth else 0.0
                     row = asyncio.run(drive(url, mode, c, n, args.max_tokens, model))
-                    if around:
-                        row["bandwidth_around"] = max(around[0], memory_read_bandwidth())
+                    if own_bandwidth:
+                        row["bandwidth_around"] = max(before, memory_read_bandwidth())
                     rows.append({**row, "server": kind})
             except SystemExit as exc:
                 print(f"{kind} failed: {exc} (see its log)", file=sys.stderr, flush=True)
