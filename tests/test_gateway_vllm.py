@@ -231,6 +231,20 @@ def test_make_run_with_upstream_serves_the_ui_and_the_original_contract_from_vll
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)
+    # make can exit on SIGTERM while its recipe's trap still waits for the API and the UI to
+    # finish shutting down: wait for every process it started, then nothing may be listening
+    deadline = time.monotonic() + 30
+    while _group_alive(proc.pid):
+        assert time.monotonic() < deadline, "make run: processes left 30 s after SIGTERM"
+        time.sleep(0.2)
     for port in (api, ui):  # both gone: nothing left listening
         with pytest.raises(httpx.TransportError):
             httpx.get(f"http://127.0.0.1:{port}/", timeout=2)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
