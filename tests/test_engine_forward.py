@@ -81,6 +81,28 @@ def test_packed_linear_equals_plain_linear():
     torch.testing.assert_close(got, torch.nn.functional.linear(x, w, b), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_many_row_products_run_at_few_shapes_and_give_the_plain_numbers(packed, monkeypatch):
+    """Prefill-sized products are tiled and padded to a bounded set of row counts (oneDNN keeps
+    ~0.6 MB per shape it has seen); every row count still gives F.linear's numbers."""
+    from wikigpt.engine import kernels
+
+    w, b = torch.randn(96, 64), torch.randn(96)
+    try:
+        lin = Linear(w, b, Kernels(packed=packed))
+        lin(torch.randn(2, 64))
+    except (RuntimeError, AttributeError) as exc:
+        pytest.skip(f"oneDNN packed linear unavailable: {exc}")
+    seen: set[int] = set()
+    product = lin._product
+    monkeypatch.setattr(lin, "_product", lambda x: seen.add(x.shape[0]) or product(x))
+    for rows in [1, 2, 31, 32, 33, 47, 200, 255, 256, 257, 600, 1000, 4096]:
+        x = torch.randn(rows, 64)
+        torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, w, b), rtol=1e-4, atol=1e-4)
+    allowed = set(range(1, kernels.EXACT_ROWS + 1)) | set(range(kernels.ROW_STEP, kernels.TILE_ROWS + 1, kernels.ROW_STEP))
+    assert seen <= allowed and max(seen) == kernels.TILE_ROWS, sorted(seen - allowed)
+
+
 @pytest.mark.slow
 def test_compiled_kernels_give_the_same_numbers(tiny_lm):
     """Inductor-compiled one-row products and attention (Inductor needs a C++ compiler: CI has
