@@ -184,6 +184,16 @@ BAD = [
     ("POST", "/predict", b'{"text": "Data', 400, "not valid JSON"),
     ("POST", "/predict", b'["Data"]', 400, "JSON object"),
     ("POST", "/predict", b"", 400, "empty"),
+    # a lone UTF-16 surrogate is valid JSON but no character: the tokenizer cannot encode it
+    ("POST", "/predict", b'{"text": "\\ud800 hello"}', 400, "text contains a lone UTF-16 surrogate"),
+    ("POST", "/v1/completions", b'{"prompt": "\\ud800 hello"}', 400, "prompt contains a lone UTF-16 surrogate"),
+    ("POST", "/v1/completions", b'{"prompt": "a", "stream": true, "stop": ["\\udc00"]}', 400,
+     "stop[0] contains a lone UTF-16 surrogate"),
+    # nesting deep enough to exhaust the JSON decoder's recursion, and some less deep
+    ("POST", "/predict", b'{"text": "a", "x": ' + b"[" * 3000 + b"]" * 3000 + b"}", 400, "x is nested more than"),
+    ("POST", "/v1/completions", b'{"prompt": ' + b'{"a": ' * 3000 + b"1" + b"}" * 3001, 400,
+     "prompt is nested more than"),
+    ("POST", "/v1/completions", b'{"prompt": ' + b"[" * 40 + b"]" * 40 + b"}", 400, "prompt is nested more than"),
     ("POST", "/predict", {}, 400, "text: field required"),
     ("POST", "/predict", {"text": ""}, 400, "text"),
     ("POST", "/predict", {"text": 42}, 400, "text: Input should be a valid string"),

@@ -9,6 +9,7 @@ failure becomes a typed error from errors.py rendered in OpenAI's error shape.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -20,6 +21,10 @@ from ..errors import InvalidRequestError, PayloadTooLargeError, WikigptError
 from ..settings import SamplingParams, describe_validation_error, field_path
 
 Schema = TypeVar("Schema", bound=BaseModel)
+# Deepest JSON nesting a body may have: the deepest valid request is 3 levels (a list of
+# token-id lists inside the object); 32 leaves room and stays far from Python's recursion limit.
+MAX_DEPTH = 32
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class PredictRequest(SamplingParams):
@@ -157,13 +162,71 @@ def parse_body(raw: bytes, schema: type[Schema]) -> Schema:
                                   f"(line {exc.lineno}, column {exc.colno})") from None
     except ValueError as exc:
         raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:  # the C decoder recurses once per level: ~1,000 levels exhaust the stack
+        raise _too_deep(_top_field_at_depth(text, MAX_DEPTH)) from None
     if not isinstance(data, dict):
         kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(data), "a number")
         raise InvalidRequestError(f"the request body must be a JSON object, not {kind}")
+    _check_values(data)
     try:
         return schema.model_validate(data)
     except ValidationError as exc:
         raise invalid(exc) from None
+
+
+def _check_values(data: dict) -> None:
+    """Refuse what JSON can spell but nothing downstream can hold: nesting deeper than MAX_DEPTH
+    (validators and tokenizers recurse) and lone UTF-16 surrogates (`"\\ud800"`), which are not
+    characters: Python keeps them in a str, but the tokenizer (Rust) and UTF-8 cannot encode
+    them. Iterative, so a deep body cannot exhaust the stack here; names the first bad field."""
+    todo: list[tuple[str, object, int]] = [("", data, 0)]
+    while todo:
+        path, value, depth = todo.pop()
+        if depth > MAX_DEPTH:
+            raise _too_deep(re.split(r"[.\[]", path, maxsplit=1)[0] or None)
+        if isinstance(value, dict):
+            for key, item in value.items():
+                where = f"{path}.{key}" if path else key
+                if _SURROGATE.search(key):
+                    raise InvalidRequestError(f"a field name ({where!a}) contains a lone UTF-16 surrogate, "
+                                              "which is not a character; send valid Unicode")
+                todo.append((where, item, depth + 1))
+        elif isinstance(value, list):
+            todo.extend((f"{path}[{i}]", item, depth + 1) for i, item in enumerate(value))
+        elif isinstance(value, str) and (bad := _SURROGATE.search(value)):
+            raise InvalidRequestError(f"{path} contains a lone UTF-16 surrogate ({bad.group()!a} at character "
+                                      f"{bad.start()}), which is not a character; send valid Unicode",
+                                      param=path)
+
+
+def _too_deep(field: str | None) -> InvalidRequestError:
+    where = f"{field} is" if field else "the request body is"
+    return InvalidRequestError(f"{where} nested more than {MAX_DEPTH} levels deep", param=field)
+
+
+def _top_field_at_depth(text: str, limit: int) -> str | None:
+    """The top-level key whose value first nests deeper than `limit`, read off the raw text
+    (json.loads gave up on it). A plain scan: brackets outside strings, keys at depth 1."""
+    depth, key, start, in_string, escaped = 0, None, 0, False, False
+    for i, ch in enumerate(text):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+                if depth == 1:
+                    key = text[start:i]
+        elif ch == '"':
+            in_string, start = True, i + 1
+        elif ch in "[{":
+            depth += 1
+            if depth > limit + 1:
+                return key
+        elif ch in "]}":
+            depth -= 1
+    return None
 
 
 def _reject_constant(name: str):
