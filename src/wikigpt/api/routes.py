@@ -15,7 +15,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ..errors import NotReadyError
 from .serving import Serving
 
-def serving(request: Request) -> Serving:
+
+async def serving(request: Request) -> Serving:
+    """Async, so FastAPI calls it on the event loop: a plain `def` dependency runs in its thread
+    pool, a thread hop per request and up to 40 threads that come and go with the load."""
     return request.app.state.serving
 
 
