@@ -69,3 +69,69 @@ def memory_read_bandwidth(seconds: float = 1.0) -> float:
         x.sum()
         best = max(best, x.numel() * 4 / (time.perf_counter() - t))
     return best
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc, log: Path | None = None, path: str = "/ready", timeout: float = 900) -> None:
+    """Poll `url + path` until it answers 200; exits naming the log if `proc` dies or time runs out."""
+    import httpx
+
+    where = f"; its log: {log}" if log else ""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"{url} exited with {proc.returncode}{where}")
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{url} not ready after {timeout:.0f} s{where}")
+        try:
+            if httpx.get(url + path, timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+
+
+class ServerProcess:
+    """`wikigpt serve ARGS` as a child process on a free loopback port, ready on entering the
+    `with` block; SIGTERM (then SIGKILL after `stop_timeout`) on leaving it."""
+
+    def __init__(self, args: list[str], log: Path, env: dict | None = None, stop_timeout: float = 60) -> None:
+        self.args, self.log, self.stop_timeout = args, log, stop_timeout
+        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def __enter__(self) -> "ServerProcess":
+        import subprocess
+
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "wikigpt.cli", "serve", *self.args, "--host", "127.0.0.1",
+                 "--port", str(self.port), "--log-level", "warning"],
+                env=self.env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            wait_ready(self.url, self.proc, self.log)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import subprocess
+
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()

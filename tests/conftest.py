@@ -95,6 +95,12 @@ def tiny_lm(tiny_model_dir):
 
 
 @pytest.fixture(scope="session")
+def long_model_dir(tmp_path_factory) -> Path:
+    """8,192-token context: 4,000 tokens keep a request decoding for many seconds."""
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "long", n_layer=4, n_embd=256, n_positions=8192)
+
+
+@pytest.fixture(scope="session")
 def shared_tokenizer_dir() -> Path:
     path = SHARED / "models" / "gpt2-tokenizer"
     require((path / "tokenizer.json").is_file(), f"real GPT-2 tokenizer not found at {path}")

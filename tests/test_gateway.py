@@ -320,14 +320,6 @@ def test_32_concurrent_clients_through_the_gateway(gw, upstream, tiny_lm):
     assert moved == 32  # upstream latency, one observation per forwarded completion
 
 
-@pytest.fixture(scope="module")
-def long_model_dir(tmp_path_factory):
-    """8,192-token context: 4,000 tokens keep a request decoding for many seconds."""
-    from tests.conftest import make_tiny_model
-
-    return make_tiny_model(tmp_path_factory.mktemp("models") / "long", n_layer=4, n_embd=256, n_positions=8192)
-
-
 LONG = {"prompt": "Data", "max_tokens": 4000, "ignore_eos": True}
 
 

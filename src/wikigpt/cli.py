@@ -103,9 +103,8 @@ def run_serve(s: ServeSettings) -> int:
     import logging
 
     _quiet_transformers()
-    import uvicorn
-
     from .api import create_app
+    from .api.server import serve
     from .engine import Engine
     from .modeling import load_model
 
@@ -113,16 +112,14 @@ def run_serve(s: ServeSettings) -> int:
     if s.upstream:  # forward completions to an OpenAI-compatible server: no model loaded here
         from .api.upstream import UpstreamClient
 
-        uvicorn.run(create_app(s, UpstreamClient(s)), host=s.host, port=s.port, log_level=s.log_level,
-                    access_log=False, server_header=False, timeout_graceful_shutdown=5)
+        serve(create_app(s, UpstreamClient(s)), s.host, s.port, s.log_level)
         return 0
     lm = load_model(s)  # a missing model fails here, before the port opens: exit code 2
     engine = Engine(lm, max_batch_size=s.max_batch_size, queue_size=s.queue_size,
-                    dtype="auto" if s.dtype == "auto" else None, compile=s.compile)
-    # No reload, no debug: uvicorn's own access log is off because ours (api.metrics.AccessLog) adds
-    # timing and leaves out query strings; server shutdown waits at most 5 s for open streams.
-    uvicorn.run(create_app(s, engine), host=s.host, port=s.port, log_level=s.log_level, access_log=False,
-                server_header=False, timeout_graceful_shutdown=5)
+                    dtype="auto" if s.dtype == "auto" else None, compile=s.compile, stream_backlog=s.stream_backlog)
+    # No reload, no debug; uvicorn's own access log is off because ours (api.metrics.AccessLog) adds
+    # timing and leaves out query strings. SIGTERM drains (api/server.py), then exits 0.
+    serve(create_app(s, engine), s.host, s.port, s.log_level)
     return 0
 
 

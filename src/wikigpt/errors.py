@@ -86,6 +86,19 @@ class EngineError(WikigptError):
     """Generation failed inside the server (a bug or out of memory); the request was dropped."""
 
 
+class SlowReaderError(WikigptError):
+    """A streaming client stopped reading (connected but silent) while its chunks piled up past
+    --stream-backlog: the request was aborted and its slot freed. Sent as the stream's last event."""
+
+    http_status = 408
+    error_type = "timeout_error"
+
+
+class ShuttingDownError(OverloadedError):
+    """The server received SIGTERM: it takes no new requests, and ends those still running when
+    the grace period (--shutdown-grace) is over."""
+
+
 class UpstreamError(WikigptError):
     """The upstream server (`serve --upstream`) is unreachable, failed, or dropped the answer."""
 

@@ -11,6 +11,8 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from .errors import SlowReaderError
+
 
 @dataclass
 class TokenLogprob:
@@ -35,12 +37,40 @@ class Chunk:
     prompt_logprobs: list[TokenLogprob | None] | None = None  # first chunk, when echo was asked
 
 
+class Backlog(asyncio.Queue):
+    """A request's chunks that its reader has not taken yet, at most `limit` of them.
+
+    A streaming client that stays connected but stops reading blocks the response's writes, so
+    chunks pile up here at one per token. Past `limit`, `offer` refuses them: the request is
+    over (its producer frees the slot) and the reader, should it read again, finds the backlog
+    and then a SlowReaderError. Memory per stalled request is bounded by `limit` chunks plus the
+    connection's transport buffer."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.overflowed = False
+
+    def offer(self, item: "Chunk | BaseException") -> bool:
+        """Queue `item`; False (and the request's end queued) when the reader is too far behind."""
+        if self.overflowed:
+            return False
+        if self.qsize() >= self.limit and not isinstance(item, BaseException):
+            self.overflowed = True
+            self.put_nowait(SlowReaderError(
+                f"the client did not read its stream: {self.limit} chunks were waiting for it "
+                "(--stream-backlog), so the request was aborted"))
+            return False
+        self.put_nowait(item)
+        return True
+
+
 class ChunkStream:
     """Async iterator over one request's chunks, which a producer (the engine's worker thread,
     the upstream relay) puts on `queue`: an exception put there is raised to the reader, and
     a reader that stops before the last chunk cancels the request, freeing its slot."""
 
-    def __init__(self, queue: asyncio.Queue, prompt_tokens: int = 0) -> None:
+    def __init__(self, queue: Backlog, prompt_tokens: int = 0) -> None:
         self._out = queue
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = 0

@@ -126,6 +126,13 @@ class ServeSettings(ModelSettings):
     unset: no authentication. Prefer the env var WIKIGPT_API_KEY: flags show up in `ps`."""
     served_model_name: str | None = None
     """Model name reported by the API and expected in requests' `model` field; unset: --model."""
+    stream_backlog: int = Field(256, ge=1, le=100_000)
+    """Most chunks (about one per token) a streamed completion may have waiting for a client that
+    stays connected but stops reading; beyond it the request is aborted and its slot freed."""
+    shutdown_grace: float = Field(20.0, ge=0, le=3600)
+    """Seconds a SIGTERM (or Ctrl-C) leaves requests in flight to finish while new ones get 503;
+    those still running then end with an error event or a 503, and the server exits 0. A second
+    signal stops at once. Docker Compose's stop_grace_period is a few seconds longer."""
     retry_after: int = Field(1, ge=1, le=3600)
     """Seconds clients are told to wait (Retry-After header) when the queue is full."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -21,6 +21,7 @@ from .client import EngineClient
 from .metrics import AccessLog, Metrics
 from .protocol import error_body, invalid
 from .routes import add_routes
+from .server import Drain, DrainGuard
 from .serving import Serving
 
 log = logging.getLogger("wikigpt.api")
@@ -44,9 +45,11 @@ def create_app(settings: ServeSettings, client: EngineClient) -> FastAPI:
     app = FastAPI(title="wikigpt", version=__version__, lifespan=lifespan,
                   description="Text generation with a GPT-2-family model fine-tuned on WikiText.")
     app.state.serving = serving
+    app.state.drain = Drain(settings.shutdown_grace)
     add_routes(app)
     if settings.api_key:
         app.add_middleware(ApiKeyGuard, key=settings.api_key)
+    app.add_middleware(DrainGuard, drain=app.state.drain)  # counts requests in flight; 503 once draining
     app.add_middleware(AccessLog, metrics=metrics)  # outermost: refused requests are logged too
     _add_error_handlers(app)
     return app

@@ -266,7 +266,9 @@ async def merge(streams: Sequence[CompletionStream]) -> AsyncIterator[tuple[int,
         async for c in streams[0]:
             yield 0, c
         return
-    queue: asyncio.Queue = asyncio.Queue()
+    # bounded: a reader that stops taking chunks stops the pumps too, so the chunks pile up in
+    # each stream's own Backlog, which aborts its request past --stream-backlog
+    queue: asyncio.Queue = asyncio.Queue(maxsize=len(streams))
 
     async def pump(i: int, s: CompletionStream) -> None:
         try:

@@ -37,10 +37,10 @@ from dataclasses import dataclass
 
 import httpx
 
-from ..errors import (NotReadyError, OverloadedError, UpstreamError, UpstreamRejectedError,
+from ..errors import (NotReadyError, OverloadedError, ShuttingDownError, UpstreamError, UpstreamRejectedError,
                       UpstreamTimeoutError, WikigptError)
 from ..generation import ContinuationFilter
-from ..outputs import Chunk, ChunkStream
+from ..outputs import Backlog, Chunk, ChunkStream
 from ..settings import SamplingParams, ServeSettings
 from .logprobs import from_openai, split_echo
 
@@ -64,6 +64,7 @@ class UpstreamClient:
         self.timeout = httpx.Timeout(settings.upstream_read_timeout, connect=settings.upstream_connect_timeout)
         self.max_batch_size = settings.max_batch_size
         self.max_in_flight = settings.max_batch_size + settings.queue_size
+        self.stream_backlog = settings.stream_backlog
         self.context_length: int | None = None
         self.tokenizer = None
         self.lm = UpstreamModel(self.wanted or "")
@@ -72,6 +73,7 @@ class UpstreamClient:
         self.on_step: Callable | None = None  # no decoding steps here; kept for the interface
         self.on_upstream: Callable[[float, str], None] | None = None
         self.in_flight = 0
+        self.streams: set[UpstreamStream] = set()  # in flight: ended with ShuttingDownError by stop()
         self._http: httpx.AsyncClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watcher: asyncio.Task | None = None
@@ -97,7 +99,8 @@ class UpstreamClient:
         return self
 
     def stop(self) -> None:
-        """Call from another thread (the lifespan runs it in one)."""
+        """Call from another thread (the lifespan and the SIGTERM drain run it in one): ends
+        every completion still in flight with ShuttingDownError, then closes the connections."""
         if self._loop is not None and not self._loop.is_closed():
             asyncio.run_coroutine_threadsafe(self._close(), self._loop).result(10)
 
@@ -165,6 +168,9 @@ class UpstreamClient:
         self.ready.clear()
 
     async def _close(self) -> None:
+        for s in list(self.streams):
+            s.abort(ShuttingDownError("the server is shutting down: the request was ended before it finished",
+                                      retry_after=5))
         if self._watcher is not None:
             self._watcher.cancel()
         if self._http is not None:
@@ -198,7 +204,7 @@ class UpstreamStream(ChunkStream):
     """One forwarded completion; the same surface as the engine's RequestStream, plus `opened()`."""
 
     def __init__(self, client: UpstreamClient, body: dict, stop: list[str], max_tokens_name: str) -> None:
-        super().__init__(asyncio.Queue())
+        super().__init__(Backlog(client.stream_backlog))
         self._client, self._body, self._name = client, body, max_tokens_name
         self._filter, self._reason = ContinuationFilter(stop), None
         self._pieces, self._counted = 0, 0  # text pieces seen; the upstream's own count (usage)
@@ -216,9 +222,18 @@ class UpstreamStream(ChunkStream):
         if not self._opened.done():
             self._opened.cancel()
 
+    def abort(self, exc: WikigptError) -> None:
+        """End the completion with `exc` (its reader gets it as the last item) and close its request."""
+        if not self._opened.done():
+            self._opened.set_exception(exc)
+            self._opened.exception()
+        self._out.offer(exc)
+        self._task.cancel()
+
     async def _run(self) -> None:
         c, started, outcome = self._client, time.perf_counter(), "ok"
         c.in_flight += 1  # here, not in __init__: a task cancelled before it starts never runs its finally
+        c.streams.add(self)
         try:
             if self._body["stream"]:
                 async with c._http.stream("POST", "/v1/completions", json=self._body) as r:
@@ -247,9 +262,10 @@ class UpstreamStream(ChunkStream):
             if not self._opened.done():
                 self._opened.set_exception(exc)
                 self._opened.exception()  # retrieved: no "never retrieved" warning if nobody awaits it
-            self._out.put_nowait(exc)
+            self._out.offer(exc)
         finally:
             c.in_flight -= 1
+            c.streams.discard(self)
             if c.on_upstream is not None:
                 c.on_upstream(time.perf_counter() - started, outcome)
 
@@ -301,8 +317,9 @@ class UpstreamStream(ChunkStream):
         self._put(self._filter.finish(), self._reason)
 
     def _put(self, text: str, finish: str | None) -> None:
-        self._out.put_nowait(Chunk(text, finish, self.prompt_tokens, self._counted or self._pieces,
-                                   self._scores, self._prompt_scores))
+        if not self._out.offer(Chunk(text, finish, self.prompt_tokens, self._counted or self._pieces,
+                                     self._scores, self._prompt_scores)):
+            raise asyncio.CancelledError  # the reader fell --stream-backlog behind: close the upstream request
         self._scores, self._prompt_scores = [], None
 
 

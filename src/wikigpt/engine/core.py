@@ -25,13 +25,14 @@ from collections import deque
 
 import torch
 
-from ..errors import EngineError, InvalidRequestError, OverloadedError
+from ..errors import EngineError, InvalidRequestError, OverloadedError, ShuttingDownError
 from ..modeling import LoadedModel, serving_dtype
 from ..settings import SamplingParams
 from .gpt2 import GPT2Forward, padded_head, unsupported_reason
 from .hf import HFForward
 from .kernels import Kernels, choose_kernels
 from .kv_cache import SlotKVCache
+from ..outputs import Backlog
 from .output import Chunk, RequestOutput, token_logprobs
 from .request import Request, RequestStream, deliver
 from .sampling import RowSampling, sample
@@ -59,7 +60,8 @@ class Engine:
     """
 
     def __init__(self, lm: LoadedModel, *, max_batch_size: int = 32, queue_size: int = 256,
-                 dtype: torch.dtype | str | None = None, compile: bool = False, on_step=None) -> None:
+                 dtype: torch.dtype | str | None = None, compile: bool = False, on_step=None,
+                 stream_backlog: int = 256) -> None:
         self.lm = lm
         self.tokenizer = lm.tokenizer
         self.dtype = dtype or lm.dtype  # "auto" is settled by the worker, in _build
@@ -74,7 +76,7 @@ class Engine:
         # The asyncio thread encodes prompts with its own copy: a fast tokenizer shared across
         # threads can fail with "Already borrowed".
         self._encoder = copy.deepcopy(lm.tokenizer)
-        self.max_batch_size, self.queue_size = max_batch_size, queue_size
+        self.max_batch_size, self.queue_size, self.stream_backlog = max_batch_size, queue_size, stream_backlog
         self.context_length = lm.context_length
         self.vocab_size = int(lm.model.config.vocab_size)
         self.eos_id = lm.tokenizer.eos_token_id
@@ -131,13 +133,13 @@ class Engine:
         self._check(ids, params, max_tokens_name)
         gen = torch.Generator(device=self.lm.device)
         gen.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
-        req = Request(next(_ids), ids, params, ignore_eos, asyncio.get_running_loop(), asyncio.Queue(),
+        req = Request(next(_ids), ids, params, ignore_eos, asyncio.get_running_loop(), Backlog(self.stream_backlog),
                        RequestOutput(self._decode, params.stop, len(ids)), RowSampling(params, gen),
                        logprobs=0 if score_only and logprobs is None else logprobs,
                        echo=score_only or (echo and logprobs is not None), score_only=score_only)
         with self._cond:
             if self._stopping:
-                raise OverloadedError("the server is shutting down", retry_after=5)
+                raise ShuttingDownError("the server is shutting down", retry_after=5)
             if len(self._waiting) >= self.queue_size:
                 raise OverloadedError(
                     f"the server is busy: {len(self._waiting)} requests are already waiting "
@@ -181,7 +183,8 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
         for r in list(self._waiting) + self._running:
-            r.push(OverloadedError("the server is shutting down", retry_after=5))
+            r.push(ShuttingDownError("the server is shutting down: the request was ended before it finished",
+                                     retry_after=5))
         self._waiting.clear()
         self._running = []
 

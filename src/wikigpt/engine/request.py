@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..outputs import ChunkStream
+from ..outputs import Backlog, ChunkStream
 from ..settings import SamplingParams
 from .output import Chunk, RequestOutput
 from .sampling import RowSampling
@@ -28,7 +28,7 @@ class Request:
     params: SamplingParams
     ignore_eos: bool
     loop: asyncio.AbstractEventLoop
-    out: asyncio.Queue
+    out: Backlog
     output: RequestOutput
     sampling: RowSampling
     logprobs: int | None = None  # top alternatives per scored token; None: no scores
@@ -41,14 +41,17 @@ class Request:
 
     def push(self, item: Chunk | BaseException) -> None:
         try:
-            self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+            self.loop.call_soon_threadsafe(self.out.offer, item)
         except RuntimeError:  # the event loop is closed: nobody is listening any more
             self.cancelled = True
 
 
 def deliver(items: list[tuple[Request, Chunk]]) -> None:
+    """Runs on the event loop. A row whose reader fell --stream-backlog chunks behind is
+    cancelled: the worker frees its slot at the next step."""
     for r, chunk in items:
-        r.out.put_nowait(chunk)
+        if not r.out.offer(chunk):
+            r.cancelled = True
 
 
 class RequestStream(ChunkStream):
