@@ -117,7 +117,7 @@ def test_cli_serve_answers_the_original_curl_call(tiny_model_dir):
         proc.terminate()
         rest = proc.communicate(timeout=30)[0]
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it so the exit status says so
-    assert proc.returncode in (0, -15) and "Application shutdown complete" in rest, rest
+    assert proc.returncode == 0 and "Application shutdown complete" in rest, rest  # SIGTERM drains, exits 0
     assert "Data Science" not in "".join(lines) + rest  # request logs never carry prompt text
     assert "POST /predict 200" in rest
 

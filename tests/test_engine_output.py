@@ -8,7 +8,8 @@ import random
 import pytest
 
 from wikigpt.engine import Engine, RequestOutput
-from wikigpt.generation import clean_continuation, generate
+from wikigpt.generation import generate
+from wikigpt.textfilter import clean_continuation
 from wikigpt.settings import SamplingParams
 
 from .conftest import CORPUS

@@ -25,7 +25,8 @@ from fastapi.responses import StreamingResponse
 from tests.conftest import free_port, require
 from tests.test_api import BAD, LiveServer, metric
 from wikigpt.api.upstream import UpstreamClient
-from wikigpt.generation import clean_continuation, generate
+from wikigpt.generation import generate
+from wikigpt.textfilter import clean_continuation
 from wikigpt.settings import SamplingParams, ServeSettings
 
 
@@ -438,3 +439,20 @@ def test_the_vllm_compose_override_runs_vllm_and_the_backend_in_upstream_mode():
     assert backend["command"][backend["command"].index("--upstream") + 1] == "http://vllm:8000"
     assert "/ready" in " ".join(backend["healthcheck"]["test"]) and "ui" not in over  # the UI unchanged
     assert base["ui"]["depends_on"]["backend"]["condition"] == "service_healthy"
+
+
+def test_the_gateway_imports_no_torch_transformers_or_engine():
+    """`serve --upstream` is a relay: a fresh interpreter that loads everything it runs (the CLI,
+    the app, the upstream client, the server) has not loaded torch, transformers or the engine."""
+    code = ("import sys\n"
+            "from wikigpt.cli import main, run_serve\n"
+            "from wikigpt.api import create_app\n"
+            "from wikigpt.api.upstream import UpstreamClient\n"
+            "from wikigpt.api.server import serve\n"
+            "from wikigpt.settings import ServeSettings\n"
+            "create_app(ServeSettings(upstream='http://127.0.0.1:9'), UpstreamClient(ServeSettings(upstream='http://127.0.0.1:9')))\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in {'torch', 'transformers', 'tokenizers', 'numpy', "
+            "'safetensors'} or m.startswith('wikigpt.engine') or m in {'wikigpt.modeling', 'wikigpt.generation'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout

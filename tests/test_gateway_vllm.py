@@ -22,7 +22,7 @@ import pytest
 from tests.conftest import REPO, free_port, make_tiny_model, require
 from tests.test_api import metric
 from tests.test_gateway import gateway, scored_both_ways, sent_upstream
-from wikigpt.generation import clean_continuation
+from wikigpt.textfilter import clean_continuation
 
 OUR_DEFAULTS = {"max_tokens": 64, "temperature": 0.8, "top_p": 0.95, "top_k": 50, "repetition_penalty": 1.1}
 

@@ -1,37 +1,8 @@
 import threading
 
-import pytest
-
-from wikigpt.generation import ContinuationFilter, clean_continuation, collapse_blank_lines, generate, stream
+from wikigpt.generation import generate, stream
 from wikigpt.settings import SamplingParams
-
-
-def test_blank_line_runs_collapse_to_one():
-    assert collapse_blank_lines("a\n\n\n\n\nb") == "a\n\nb"
-    assert collapse_blank_lines("a\n \n\t\n  \nb") == "a\n\nb"
-    assert collapse_blank_lines("a\n\nb\nc") == "a\n\nb\nc"  # one blank line is kept
-    assert clean_continuation(" text\n\n\n\n\n") == " text"  # trailing runs dropped
-
-
-@pytest.mark.parametrize("raw, stop, want", [
-    (" one. two. three", ["two"], " one."),
-    (" a\n\n\n\nb\n\n\nc END d", ["END"], " a\n\nb\n\nc"),
-    (" no stop here", ["zzz"], " no stop here"),
-    (" x\n\ny", ["\n\n"], " x"),
-])
-def test_filter_gives_the_same_text_whatever_the_chunking(raw, stop, want):
-    assert clean_continuation(raw, stop) == want
-    for size in (1, 2, 3, 7):
-        f = ContinuationFilter(stop)
-        out = "".join(f.feed(raw[i:i + size]) for i in range(0, len(raw), size)) + f.finish()
-        assert out == want, size
-
-
-def test_filter_never_shows_a_partial_stop_string():
-    f = ContinuationFilter(["STOP"])
-    assert f.feed(" hello ST") == " hello"
-    assert f.feed("O") == ""
-    assert f.feed("P and more") == "" and f.done
+from wikigpt.textfilter import clean_continuation
 
 
 def test_same_seed_same_text(tiny_lm):
@@ -56,7 +27,6 @@ def test_temperature_zero_is_greedy(tiny_lm):
             nxt = model(ids).logits[0, -1].argmax()
             ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
     by_hand = tok.decode(ids[0], skip_special_tokens=True)
-    from wikigpt.generation import clean_continuation
     prompt_len = len("The history of")
     assert texts.pop() == "The history of" + clean_continuation(by_hand[prompt_len:])
 

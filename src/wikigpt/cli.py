@@ -68,9 +68,9 @@ def run_generate(s: GenerateSettings) -> int:
 
 
 def streamlit_command(s: UISettings) -> tuple[list[str], dict[str, str]]:
-    """`streamlit run ui.py` with our server flags, and the environment that hands ui.py its
-    settings (the page reads UISettings from WIKIGPT_* variables on every run)."""
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ui.py")
+    """`streamlit run ui/app.py` with our server flags, and the environment that hands the pages
+    their settings (they read UISettings from WIKIGPT_* variables on every run)."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ui", "app.py")
     argv = [
         sys.executable, "-m", "streamlit", "run", script,
         "--server.address", s.host, "--server.port", str(s.port), "--server.headless", "true",
@@ -102,18 +102,19 @@ def run_ui(s: UISettings) -> int:
 def run_serve(s: ServeSettings) -> int:
     import logging
 
-    _quiet_transformers()
     from .api import create_app
     from .api.server import serve
-    from .engine import Engine
-    from .modeling import load_model
 
     logging.basicConfig(level=s.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if s.upstream:  # forward completions to an OpenAI-compatible server: no model loaded here
+    if s.upstream:  # forward completions to an OpenAI-compatible server: no torch, no model here
         from .api.upstream import UpstreamClient
 
         serve(create_app(s, UpstreamClient(s)), s.host, s.port, s.log_level)
         return 0
+    _quiet_transformers()
+    from .engine import Engine
+    from .modeling import load_model
+
     lm = load_model(s)  # a missing model fails here, before the port opens: exit code 2
     engine = Engine(lm, max_batch_size=s.max_batch_size, queue_size=s.queue_size,
                     dtype="auto" if s.dtype == "auto" else None, compile=s.compile, stream_backlog=s.stream_backlog)

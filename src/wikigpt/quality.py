@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import set_seed
 
-from .generation import BLANK_RUN
+from .textfilter import BLANK_RUN
 from .modeling import LoadedModel, generation_config_for
 from .settings import DecodingCheckSettings, SamplingParams
 

@@ -204,7 +204,7 @@ def training_section(report: dict | None, png: str | None) -> str:
 
 
 def samples_section(lm, prompts: list[str], seed: int, max_new_tokens: int) -> str:
-    from .generation import clean_continuation
+    from .textfilter import clean_continuation
     from .quality import continue_batch
     from .settings import SamplingParams
 

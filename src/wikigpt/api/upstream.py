@@ -39,7 +39,7 @@ import httpx
 
 from ..errors import (NotReadyError, OverloadedError, ShuttingDownError, UpstreamError, UpstreamRejectedError,
                       UpstreamTimeoutError, WikigptError)
-from ..generation import ContinuationFilter
+from ..textfilter import ContinuationFilter
 from ..outputs import Backlog, Chunk, ChunkStream
 from ..settings import SamplingParams, ServeSettings
 from .logprobs import from_openai, split_echo

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..generation import ContinuationFilter
+from ..textfilter import ContinuationFilter
 from ..outputs import Chunk, TokenLogprob
 
 
