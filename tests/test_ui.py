@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from wikigpt import ui
+from wikigpt.ui import common, continue_page
 from wikigpt.cli import main as cli_main
 from wikigpt.cli import streamlit_command
 from wikigpt.evalreport import summarize
@@ -27,7 +27,7 @@ from wikigpt.settings import UISettings
 
 from .conftest import free_port
 
-UI_FILE = str(Path(ui.__file__))
+UI_FILE = str(Path(continue_page.__file__).with_name("app.py"))  # what `wikigpt ui` runs
 # What GET / of `wikigpt serve` sends (api: "eval" is evalreport.eval_summary of the model folder).
 HEALTH = {"status": "ok", "model": "tiny-wiki", "n_params": 124_439_808, "context_length": 1024,
           "eval": summarize({"format": 1, "latest": {"perplexity": 31.25, "data": "wikitext-103-raw", "split": "test",
@@ -319,15 +319,15 @@ def test_notebook_buttons_download_what_exists_and_disable_what_does_not(monkeyp
 def test_notebooks_are_found_in_the_checkout_by_default(monkeypatch):
     monkeypatch.delenv("WIKIGPT_NOTEBOOKS_DIR", raising=False)
     repo_notebooks = Path(__file__).resolve().parents[1] / "notebooks"
-    present = [name for name, *_ in ui.NOTEBOOKS if (repo_notebooks / name).is_file()]
-    assert present == [name for name, *_ in ui.NOTEBOOKS]  # the notebooks are part of the checkout
+    present = [name for name, *_ in continue_page.NOTEBOOKS if (repo_notebooks / name).is_file()]
+    assert present == [name for name, *_ in continue_page.NOTEBOOKS]  # the notebooks are part of the checkout
     for name in present:
-        assert ui.find_notebook(UISettings(), name)[0] == repo_notebooks / name
+        assert continue_page.find_notebook(UISettings(), name)[0] == repo_notebooks / name
 
 
 def test_markdown_escaping_round_trips_wiki_text():
-    assert ui.escape_markdown("= = A * b [c](d) $5 :x:\n") == r"\= \= A \* b \[c\]\(d\) \$5 \:x\:" + "  \n"
-    assert ui.highlight_prompt("a\n\nb ") == ":blue-background[**a**]  \n  \n:blue-background[**b**] "
+    assert common.escape_markdown("= = A * b [c](d) $5 :x:\n") == r"\= \= A \* b \[c\]\(d\) \$5 \:x\:" + "  \n"
+    assert continue_page.highlight_prompt("a\n\nb ") == ":blue-background[**a**]  \n  \n:blue-background[**b**] "
 
 
 def test_ui_runs_without_torch_or_transformers(tmp_path):

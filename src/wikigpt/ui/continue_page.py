@@ -1,4 +1,4 @@
-"""The web UI: a Streamlit page where the model behind `wikigpt serve` continues your text.
+"""The web UI's first page, "Continue text": the model behind `wikigpt serve` continues your text.
 
 Run it with `wikigpt ui` (or `make run`, which starts the API as well). The page talks to the
 API only over HTTP (no torch, no transformers, nothing of wikigpt that loads a model), so the
@@ -6,14 +6,13 @@ UI image installs `wikigpt[ui]` alone. Every way the backend can fail (down, slo
 answer, a broken stream) ends as a message in the page that says what failed, the URL tried
 and how to start the backend, with a retry button; the HTTP timeouts bound every wait.
 
-Streamlit runs this file as a script (`streamlit run`), top to bottom on every interaction.
+Streamlit runs the page (app.py's navigation calls `continue_page`) top to bottom on every interaction.
 The HTTP client is `wikigpt.client` (no Streamlit); what the health route says about the
 model's evaluation is `wikigpt.evalreport.EvalSummary`.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import streamlit as st
 from wikigpt.client import BackendError, Completion, fetch_health, stream_completion
 from wikigpt.evalreport import EvalSummary
 from wikigpt.settings import SamplingParams, UISettings
+from wikigpt.ui.common import escape_markdown, show_error
 
 EXAMPLES = (
     "Data Science is",
@@ -34,11 +34,6 @@ NOTEBOOKS = (
     ("train.ipynb", "Training notebook", "Fine-tune the model on WikiText with the wikigpt package."),
     ("inference.ipynb", "Inference notebook", "Load a model and generate text with the wikigpt package."),
 )
-AUTH_HINT = "The API wants a key: give the UI the same one with `wikigpt ui --api-key` or `WIKIGPT_API_KEY`."
-START_HINT = (
-    "Start the backend with `wikigpt serve` (or `make run`, which starts the API and this UI "
-    "together), or point the UI at a running one with `wikigpt ui --api-url URL` / `WIKIGPT_API_URL`."
-)
 
 
 def find_notebook(s: UISettings, name: str) -> tuple[Path | None, list[Path]]:
@@ -47,7 +42,7 @@ def find_notebook(s: UISettings, name: str) -> tuple[Path | None, list[Path]]:
     if s.notebooks_dir:
         places = [Path(s.notebooks_dir)]
     else:
-        places = [Path(__file__).resolve().parents[2] / "notebooks", Path.cwd() / "notebooks"]
+        places = [Path(__file__).resolve().parents[3] / "notebooks", Path.cwd() / "notebooks"]
     for place in places:
         if (place / name).is_file():
             return place / name, places
@@ -55,15 +50,6 @@ def find_notebook(s: UISettings, name: str) -> tuple[Path | None, list[Path]]:
 
 
 # ---------------------------------------------------------------- page helpers
-
-# Backslash-escape every character Markdown (or Streamlit's :color[] / $math$ directives)
-# could read as syntax: the model writes raw text, and wiki text is full of = # * [ ] | $.
-_MARKDOWN_SYNTAX = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~:$=^&])")
-
-
-def escape_markdown(text: str) -> str:
-    return _MARKDOWN_SYNTAX.sub(r"\\\1", text).replace("\n", "  \n")
-
 
 def highlight_prompt(prompt: str) -> str:
     """The prompt as highlighted bold text (line by line: a directive cannot span lines)."""
@@ -133,15 +119,6 @@ def _queue_prompt(prompt: str, drop_turn: int | None = None) -> None:
 def _clear() -> None:
     st.session_state.turns = []
     st.session_state.pending = None
-
-
-def _show_error(err: dict, *, retry_label: str, key: str, on_retry, args=()) -> None:
-    st.error(
-        f"**{err['title']}.** {escape_markdown(err['detail'])}  \nURL tried: `{err['url']}`"
-        + {"unreachable": f"  \n{START_HINT}", "timeout": f"  \n{START_HINT}", "auth": f"  \n{AUTH_HINT}"}.get(err["kind"], ""),
-        icon=":material/error:",
-    )
-    st.button(retry_label, key=key, on_click=on_retry, args=args, icon=":material/refresh:")
 
 
 def _model_panel(health: dict) -> None:
@@ -245,7 +222,7 @@ def _render_turn(i: int, turn: dict) -> None:
         elif turn["status"] == "done":
             st.caption(_caption_for(turn))
         if turn.get("error"):
-            _show_error(turn["error"], retry_label="Retry", key=f"retry-{i}", on_retry=_queue_prompt,
+            show_error(turn["error"], retry_label="Retry", key=f"retry-{i}", on_retry=_queue_prompt,
                         args=(turn["prompt"], i))
 
 
@@ -271,13 +248,13 @@ def _run_turn(s: UISettings, prompt: str) -> None:
             turn["status"], turn["error"] = "error", exc.as_dict()
         turn.update(text=out.text, seconds=out.seconds, usage=out.usage, finish_reason=out.finish_reason)
         if turn["error"]:
-            _show_error(turn["error"], retry_label="Retry", key=f"retry-{len(st.session_state.turns) - 1}",
+            show_error(turn["error"], retry_label="Retry", key=f"retry-{len(st.session_state.turns) - 1}",
                         on_retry=_queue_prompt, args=(prompt, len(st.session_state.turns) - 1))
         else:
             st.caption(_caption_for(turn))
 
 
-def main() -> None:
+def continue_page() -> None:
     s = UISettings()
     st.set_page_config(page_title="wikigpt", page_icon=":material/edit_note:", menu_items={})
     for key, value in {"turns": [], "pending": None, "backend_up": None}.items():
@@ -307,7 +284,7 @@ def main() -> None:
     )
     error = st.session_state.get("health_error")
     if error and not st.session_state.turns:
-        _show_error(error, retry_label="Check again", key="check-again", on_retry=lambda: None)
+        show_error(error, retry_label="Check again", key="check-again", on_retry=lambda: None)
 
     for i, turn in enumerate(st.session_state.turns):
         _render_turn(i, turn)
@@ -317,17 +294,3 @@ def main() -> None:
     st.session_state.pending = None
     if prompt and prompt.strip():
         _run_turn(s, prompt)
-
-
-def run() -> None:
-    """Two pages: continue text (this module's `main`) and score text (ui_score.py)."""
-    from wikigpt.ui_score import score_page
-
-    st.navigation([
-        st.Page(main, title="Continue text", icon=":material/edit_note:", default=True),
-        st.Page(score_page, title="Score text", icon=":material/insights:", url_path="score"),
-    ]).run()
-
-
-if __name__ == "__main__":  # `streamlit run` executes this file as __main__
-    run()

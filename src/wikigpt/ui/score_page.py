@@ -22,7 +22,7 @@ import streamlit as st
 from wikigpt.client import BackendError, fetch_health, score_text
 from wikigpt.scoring import Scored, fmt_p, paragraphs, shade, show_token, spelled, surprise_delta
 from wikigpt.settings import UISettings
-from wikigpt.ui import escape_markdown
+from wikigpt.ui.common import escape_markdown, show_error
 
 START_HINT = ("Start the backend with `wikigpt serve` (or `make run`), or point the UI at a running one "
               "with `wikigpt ui --api-url URL` (and `--compare-api-url URL` for the second model).")
@@ -76,11 +76,6 @@ def difference_html(main: Scored, other: Scored) -> str:
     tips = [tooltip(main, i) if d is None else f"{d:+.2f} bits ({main.model} minus {other.model})\n" + tooltip(main, i)
             for i, d in enumerate(deltas)]
     return shaded_html(main, [_blue_red(d) for d in deltas], tips)
-
-
-def _show_error(err: dict) -> None:
-    hint = f"  \n{START_HINT}" if err["kind"] in {"unreachable", "timeout"} else ""
-    st.error(f"**{err['title']}.** {err['detail']}  \nURL tried: `{err['url']}`{hint}", icon=":material/error:")
 
 
 @st.cache_data(show_spinner=False)
@@ -172,6 +167,6 @@ def score_page() -> None:
         except BackendError as exc:
             st.session_state.score_error = exc.as_dict()
     if st.session_state.get("score_error"):
-        _show_error(st.session_state.score_error)
+        show_error(st.session_state.score_error, start_hint=START_HINT)
     elif st.session_state.get("score_results"):
         _render(st.session_state.score_results)
