@@ -20,10 +20,14 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, TypedDict
+from typing import Protocol, TypedDict
 
-if TYPE_CHECKING:
-    from .evaluate import EvalResult
+
+class Result(Protocol):
+    """One measurement (`evaluate.EvalResult`): what it records is its `to_dict()`."""
+
+    def to_dict(self) -> dict: ...
+
 
 REPORT_FILE = "eval_report.json"
 
@@ -74,7 +78,7 @@ def eval_summary(model: str | os.PathLike) -> EvalSummary | None:
     return summarize(read_eval_report(model)) if os.path.isdir(model) else None
 
 
-def write_eval_report(model_dir: str | os.PathLike, result: EvalResult, others: Sequence[EvalResult] = ()) -> Path:
+def write_eval_report(model_dir: str | os.PathLike, result: Result, others: Sequence[Result] = ()) -> Path:
     """Add `result` to MODEL_DIR/eval_report.json, keeping results under other conditions.
 
     Two evaluations may finish at once on one model folder: the read-modify-write holds an
@@ -88,7 +92,7 @@ def write_eval_report(model_dir: str | os.PathLike, result: EvalResult, others: 
     return path
 
 
-def _merged(old: dict, model: str, result: EvalResult, others: Sequence[EvalResult]) -> dict:
+def _merged(old: dict, model: str, result: Result, others: Sequence[Result]) -> dict:
     new = result.to_dict()
     new["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     key = result_key(new)

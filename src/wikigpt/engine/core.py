@@ -146,7 +146,7 @@ class Engine:
                     f"(queue size {self.queue_size}); retry shortly")
             self._waiting.append(req)
             self._cond.notify()
-        return RequestStream(req, self)
+        return RequestStream(req, self._wake)
 
     def _check(self, ids: list[int], params: SamplingParams, max_tokens_name: str) -> None:
         if not ids:

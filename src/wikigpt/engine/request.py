@@ -10,15 +10,12 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 from ..outputs import Backlog, ChunkStream
 from ..settings import SamplingParams
 from .output import Chunk, RequestOutput
 from .sampling import RowSampling
-
-if TYPE_CHECKING:
-    from .core import Engine
 
 
 @dataclass(eq=False)
@@ -55,13 +52,14 @@ def deliver(items: list[tuple[Request, Chunk]]) -> None:
 
 
 class RequestStream(ChunkStream):
-    """One engine request's chunks; `cancel()` frees its batch slot."""
+    """One engine request's chunks; `cancel()` frees its batch slot (`wake` rouses the engine's
+    worker, which may be waiting for work, to drop it)."""
 
-    def __init__(self, req: Request, engine: Engine) -> None:
+    def __init__(self, req: Request, wake: Callable[[], None]) -> None:
         super().__init__(req.out, len(req.prompt_ids))
-        self._req, self._engine = req, engine
+        self._req, self._wake = req, wake
 
     def cancel(self) -> None:
         if not self._req.cancelled:
             self._req.cancelled = True
-            self._engine._wake()
+            self._wake()
