@@ -94,6 +94,9 @@ class ChunkStream:
             if self.finish_reason is None:
                 self.cancel()
 
+    async def opened(self) -> None:
+        """Accepted when made (the engine refuses at submit); the upstream stream overrides it."""
+
     async def text(self) -> str:
         """The whole continuation (consumes the stream)."""
         return "".join([c.text async for c in self])

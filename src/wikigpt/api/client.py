@@ -33,11 +33,9 @@ class Chunk(Protocol):
 
 class CompletionStream(Protocol):
     """One completion in flight: an async iterator of chunks; `cancel()` frees its slot.
-
-    An implementation that can refuse a request only once it has been sent (the upstream
-    client) may also define `async opened()`, which raises that refusal; the serving layer
-    awaits it before it answers 200 to a streamed request.
-    """
+    `opened()` returns once the request is accepted, or raises its refusal: the serving layer
+    awaits it before it answers 200 to a streamed request (the engine accepts or refuses at
+    `submit`; the upstream client only once the upstream answered)."""
 
     prompt_tokens: int
     completion_tokens: int
@@ -47,6 +45,8 @@ class CompletionStream(Protocol):
     def __aiter__(self) -> AsyncIterator[Chunk]: ...
 
     async def text(self) -> str: ...
+
+    async def opened(self) -> None: ...
 
     def cancel(self) -> None: ...
 
@@ -64,6 +64,7 @@ class EngineClient(Protocol):
     InvalidRequestError (bad prompt) or OverloadedError (queue full) at once."""
 
     ready: threading.Event  # set once requests can be served (model warmed up, upstream answering)
+    not_ready_reason: str  # what /ready says while `ready` is not set
     max_batch_size: int
     context_length: int | None
     tokenizer: Any  # decodes token-id prompts for `echo`; None where there is none
@@ -86,15 +87,10 @@ class EngineClient(Protocol):
         event per token); the chunks are consumed the same way either way."""
         ...
 
+    def info(self) -> dict:
+        """Facts for `GET /` and `/v1/models`: dtype and device at least."""
+        ...
+
     def start(self) -> Any: ...
 
     def stop(self) -> None: ...
-
-
-def engine_facts(client: EngineClient) -> dict:
-    """Facts for `GET /`: the engine's own `info()` where it has one, else the model's dtype and device."""
-    info = getattr(client, "info", None)
-    if callable(info):
-        return dict(info())
-    lm = client.lm
-    return {"dtype": str(lm.dtype).removeprefix("torch."), "device": str(lm.device)}

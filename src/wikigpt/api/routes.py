@@ -32,8 +32,7 @@ async def health() -> dict:
 
 async def ready(s: Serving = Depends(serving)) -> dict:
     if not s.client.ready.is_set():
-        reason = getattr(s.client, "not_ready_reason", None) or "the model is still loading"
-        raise NotReadyError(reason, retry_after=s.settings.retry_after)
+        raise NotReadyError(s.client.not_ready_reason, retry_after=s.settings.retry_after)
     return {"status": "ready", "model": s.name}
 
 

@@ -21,7 +21,7 @@ from fastapi.responses import Response, StreamingResponse
 from .. import __version__
 from ..errors import EngineError, InvalidRequestError, ModelNotFoundError, OverloadedError, WikigptError
 from ..settings import SamplingParams, ServeSettings
-from .client import CompletionStream, EngineClient, engine_facts
+from .client import CompletionStream, EngineClient
 from .logprobs import echo_of, logprobs_object, prompt_scores
 from .metrics import Metrics
 from .protocol import CompletionRequest, PredictRequest, error_body, read_body
@@ -46,12 +46,12 @@ class Serving:
     def model_card(self) -> dict:
         c = self.client
         return {"id": self.name, "object": "model", "created": self.created, "owned_by": "wikigpt",
-                "context_length": c.context_length, "n_params": c.lm.n_params, **engine_facts(c)}
+                "context_length": c.context_length, "n_params": c.lm.n_params, **c.info()}
 
     def health(self) -> dict:
         c = self.client
         return {"status": "ok", "model": self.name, "ready": c.ready.is_set(), "version": __version__,
-                "context_length": c.context_length, "n_params": c.lm.n_params, **engine_facts(c),
+                "context_length": c.context_length, "n_params": c.lm.n_params, **c.info(),
                 "max_batch_size": c.max_batch_size, "eval": self.evaluation, "routes": ROUTES}
 
     def check_model(self, requested: str | None) -> None:
@@ -255,9 +255,7 @@ def _cancel(streams: Sequence[CompletionStream]) -> None:
 
 
 async def _opened(streams: Sequence[CompletionStream]) -> None:
-    waits = [opened() for s in streams if (opened := getattr(s, "opened", None)) is not None]
-    if waits:
-        await asyncio.gather(*waits)
+    await asyncio.gather(*(s.opened() for s in streams))
 
 
 async def merge(streams: Sequence[CompletionStream]) -> AsyncIterator[tuple[int, Any]]:

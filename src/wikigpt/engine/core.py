@@ -83,6 +83,7 @@ class Engine:
         self.pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
         self.on_step = on_step
         self.ready = threading.Event()
+        self.not_ready_reason = "the model is still loading"
         self.tokens_generated = 0
         self.steps = 0
         self.forward: GPT2Forward | HFForward | None = None  # built by the worker (start-up probe)
