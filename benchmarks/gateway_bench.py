@@ -27,32 +27,9 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, distilgpt2_shaped  # noqa: E402
+from common import REPO, distilgpt2_shaped, free_port, wait_ready  # noqa: E402
 
 PROMPT = "The history of the Roman Empire covers the history of ancient Rome from"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 900) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            sys.exit(f"{url} exited; its log: {log}")
-        if time.monotonic() > deadline:
-            sys.exit(f"{url} not ready after {timeout:.0f} s; its log: {log}")
-        try:
-            if httpx.get(url + "/v1/models", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(1)
 
 
 def run_round(url: str, model: str, n: int, clients: int, max_tokens: int) -> dict:
@@ -107,14 +84,14 @@ def main() -> None:
                  "--port", vllm_url.rsplit(":", 1)[1]],
                 env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT))
         print(f"starting vLLM on {model_dir} (a minute or more: it compiles) ...", file=sys.stderr, flush=True)
-        wait_ready(vllm_url, procs[0], work / "vllm.log")
+        wait_ready(vllm_url, procs[0], work / "vllm.log", path="/v1/models")
         with open(work / "gateway.log", "w") as log:
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "wikigpt.cli", "serve", "--upstream", vllm_url, "--port",
                  gw_url.rsplit(":", 1)[1], "--max-batch-size", str(max(32, args.clients)), "--log-level", "warning"],
                 env={k: v for k, v in env.items() if not k.startswith("WIKIGPT_")}, stdin=subprocess.DEVNULL,
                 stdout=log, stderr=subprocess.STDOUT))
-        wait_ready(gw_url, procs[1], work / "gateway.log")
+        wait_ready(gw_url, procs[1], work / "gateway.log", path="/v1/models")
         httpx.get(gw_url + "/ready", timeout=30).raise_for_status()
         model = httpx.get(vllm_url + "/v1/models").json()["data"][0]["id"]
         for url in (vllm_url, gw_url):  # warm-up: connections, vLLM's batch shapes

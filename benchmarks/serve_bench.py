@@ -28,7 +28,7 @@ import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
-from common import distilgpt2_shaped, matmul_peak_flops, memory_read_bandwidth
+from common import distilgpt2_shaped, free_port, matmul_peak_flops, memory_read_bandwidth, wait_ready
 
 PROMPTS = [
     "Data Science is", "The history of the Roman Empire", "Wikipedia is a free online encyclopedia",
@@ -140,30 +140,6 @@ def flops_per_token(config: dict, context: float) -> float:
     return 2 * (layers * 12 * d * d + d * vocab) + 4 * layers * d * context
 
 
-def wait_ready(url: str, path: str, proc: subprocess.Popen, timeout: float = 300) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(url + path, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"{url} not ready after {timeout} s")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def weight_bytes_per_token(config: dict, bytes_per_weight: int) -> float:
     """Weights read once per decoding step: the blocks' matrices and the d x V output head."""
     d, layers, vocab = config["n_embd"], config["n_layer"], config["vocab_size"]
@@ -260,7 +236,7 @@ def main() -> None:
             url = f"http://127.0.0.1:{port}"
             proc = start_servers(kind, args, model_dir, port, env)
             try:  # a server that fails to start is reported; the others' rows still print
-                wait_ready(url, "/ready" if kind == "wikigpt" else ("/health" if kind == "vllm" else "/"), proc,
+                wait_ready(url, proc, path="/ready" if kind == "wikigpt" else ("/health" if kind == "vllm" else "/"),
                            timeout=600)
                 if kind == "wikigpt":
                     info = httpx.get(url + "/").json()

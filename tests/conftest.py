@@ -13,10 +13,11 @@ CI=true (set by CI and by .ci/run) the test fails with it, so CI never goes gree
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
+
+from benchmarks.common import free_port  # noqa: F401 (tests import it from here)
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -48,13 +49,6 @@ def require(condition: object, reason: str) -> None:
     if CI:
         pytest.fail(f"{reason} (CI=true: a missing prerequisite fails the test instead of skipping it)", pytrace=False)
     pytest.skip(reason)
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on right now (for servers started as subprocesses)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def make_tiny_model(out_dir: Path, n_layer: int = 2, n_embd: int = 64, n_positions: int = 256) -> Path:

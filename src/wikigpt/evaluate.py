@@ -41,6 +41,7 @@ from tqdm import tqdm  # text bar on stderr (tqdm.auto wants ipywidgets in noteb
 from .errors import ConfigError
 from .evalreport import REPORT_FILE, read_eval_report, result_key, write_eval_report  # noqa: F401 (re-exported)
 from .modeling import LoadedModel, bf16_pays
+from .tables import markdown_table
 
 if TYPE_CHECKING:
     from .settings import EvalSettings
@@ -259,9 +260,7 @@ def format_table(results: list[EvalResult]) -> str:
          r.dtype, f"{r.tokens_per_s:,.0f}")
         for r in results
     ]
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, rows)])
+    return markdown_table(head, rows)
 
 
 def load_eval_stream(s: EvalSettings, tokenizer, progress: bool = False) -> tuple[np.ndarray, str]:

@@ -23,9 +23,10 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import set_seed
 
-from .textfilter import BLANK_RUN
 from .modeling import LoadedModel, generation_config_for
 from .settings import DecodingCheckSettings, SamplingParams
+from .tables import markdown_table
+from .textfilter import BLANK_RUN
 
 
 
@@ -117,9 +118,7 @@ def format_table(stats: list[DecodingStats], n: int = 4) -> str:
          f"{s.samples_with_blank_runs:.0%}", f"{s.newline_token_share:.1%}")
         for s in stats
     ]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, rows)])
+    return markdown_table(head, rows)
 
 
 def run(s: DecodingCheckSettings) -> int:
