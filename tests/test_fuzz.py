@@ -14,9 +14,15 @@ from hypothesis import strategies as st
 
 from tests.test_api import LiveServer
 from tests.test_gateway import Upstream, gateway
-from wikigpt.api.protocol import CompletionRequest, PredictRequest
+from wikigpt.api.protocol import ChatRequest, CompletionRequest, DetokenizeRequest, PredictRequest, TokenizeRequest
 
-ROUTES = {"/predict": (PredictRequest, "text"), "/v1/completions": (CompletionRequest, "prompt")}
+# every route that reads a body: its schema and a valid body each odd value is put into
+ROUTES = {"/predict": (PredictRequest, {"text": "Data science is", "max_new_tokens": 4}),
+          "/v1/completions": (CompletionRequest, {"prompt": "Data science is", "max_tokens": 4}),
+          "/v1/chat/completions": (ChatRequest, {"messages": [{"role": "user", "content": "Data science is"}],
+                                                 "max_tokens": 4}),
+          "/tokenize": (TokenizeRequest, {"prompt": "Data science is"}),
+          "/detokenize": (DetokenizeRequest, {"tokens": [1, 2, 3]})}
 
 # surrogates (U+D800-U+DFFF) are valid in JSON's \\u escapes and in a Python str, not in UTF-8
 surrogate_rich = st.characters(min_codepoint=0xD700, max_codepoint=0xE100, exclude_categories=())
@@ -32,8 +38,8 @@ values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=
 def bodies(route: str) -> st.SearchStrategy[str]:
     """A valid body with one or two fields (any of the schema's, or an unknown one) set to an
     arbitrary value, so each odd value reaches as far into the server as it can; and raw texts."""
-    schema, required = ROUTES[route]
-    base = {required: "Data science is", "max_tokens" if route == "/v1/completions" else "max_new_tokens": 4}
+    schema, base = ROUTES[route]
+    required = next(iter(base))
     names = st.one_of(st.sampled_from(sorted(schema.model_fields)), text)
     edits = st.one_of(st.dictionaries(names, st.one_of(scalars, values), min_size=1, max_size=2),
                       st.builds(lambda v: {required: v}, st.one_of(text, values)))  # the prompt most of all

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
@@ -44,17 +44,14 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class CompletionRequest(BaseModel):
-    """OpenAI's legacy completions request. Omitted sampling fields take wikigpt's decoding
-    defaults (temperature 0.8, top-p 0.95, top-k 50, repetition penalty 1.1, 64 tokens), not
-    OpenAI's, because those are what keeps this model's text readable."""
+class _OpenAISampling(BaseModel):
+    """The sampling fields OpenAI's completions and chat completions share. Omitted ones take
+    wikigpt's decoding defaults (temperature 0.8, top-p 0.95, top-k 50, repetition penalty 1.1,
+    64 tokens), not OpenAI's, because those are what keeps this model's text readable."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = None
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=0, le=4096)
-    """0 (with `echo`) generates nothing: the answer is the prompt, scored when `logprobs` is set."""
     temperature: float | None = Field(None, ge=0.0, le=5.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=0, le=100_000)
@@ -64,18 +61,37 @@ class CompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    echo: bool = False
     ignore_eos: bool = False
     """Keep generating past the end-of-text token (benchmarks use it for fixed lengths)."""
     user: str | None = None
+    presence_penalty: float = Field(0.0, ge=0.0, le=0.0)
+    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0)
+    logit_bias: dict[str, float] | None = Field(None, max_length=0)
+
+    def _sampling(self, index: int, max_tokens: int | None, extra_stop: list[str] = ()) -> SamplingParams:
+        """Choice `index`'s parameters: ours where a field is omitted; seeds differ per choice."""
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        values = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                      repetition_penalty=self.repetition_penalty, max_new_tokens=max_tokens or None,
+                      seed=None if self.seed is None else (self.seed + index) % 2**63, stop=[*stop, *extra_stop])
+        try:
+            return SamplingParams(**{k: v for k, v in values.items() if v is not None})
+        except ValidationError as exc:
+            raise invalid(exc) from None
+
+
+class CompletionRequest(_OpenAISampling):
+    """OpenAI's legacy completions request."""
+
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=0, le=4096)
+    """0 (with `echo`) generates nothing: the answer is the prompt, scored when `logprobs` is set."""
+    echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
     """Return each token's log-probability and its N most likely alternatives (OpenAI's legacy
     `logprobs` object); with `echo`, the prompt's tokens are scored too."""
     suffix: None = None
     best_of: int | None = Field(None, ge=1, le=16)
-    presence_penalty: float = Field(0.0, ge=0.0, le=0.0)
-    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0)
-    logit_bias: dict[str, float] | None = Field(None, max_length=0)
 
     @field_validator("prompt")
     @classmethod
@@ -96,15 +112,54 @@ class CompletionRequest(BaseModel):
         return [list(p)] if isinstance(p[0], int) else list(p)
 
     def sampling(self, index: int) -> SamplingParams:
-        """Choice `index`'s parameters: ours where a field is omitted; seeds differ per choice."""
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        values = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                      repetition_penalty=self.repetition_penalty, max_new_tokens=self.max_tokens or None,
-                      seed=None if self.seed is None else (self.seed + index) % 2**63, stop=stop)
-        try:
-            return SamplingParams(**{k: v for k, v in values.items() if v is not None})
-        except ValidationError as exc:
-            raise invalid(exc) from None
+        return self._sampling(index, self.max_tokens)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[dict[str, Any]] = Field(max_length=1_000_000)
+    """Text, or OpenAI's list of content parts (text parts only)."""
+    name: str | None = None
+
+
+class ChatRequest(_OpenAISampling):
+    """OpenAI's chat completions request; api/chat.py turns the messages into the prompt."""
+
+    messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
+    max_tokens: int | None = Field(None, ge=1, le=4096)
+    max_completion_tokens: int | None = Field(None, ge=1, le=4096)
+    """OpenAI's newer name for max_tokens; either may be sent."""
+    logprobs: bool = False
+    """Return each generated token's log-probability (OpenAI's chat `logprobs.content`)."""
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    """With `logprobs`: this many most likely alternatives per token."""
+
+    def sampling(self, index: int, extra_stop: list[str]) -> SamplingParams:
+        return self._sampling(index, self.max_completion_tokens or self.max_tokens, extra_stop)
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's `POST /tokenize` (its completion form): the prompt's token ids."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = None
+    prompt: str = Field(max_length=1_000_000)
+    add_special_tokens: bool = True
+    """Add the tokenizer's special tokens (GPT-2's adds none)."""
+    return_token_strs: bool = False
+    """Also return each token as the tokenizer spells it (byte-level BPE: "Ġthe" for " the")."""
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's `POST /detokenize`: token ids back to text."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = None
+    tokens: list[int] = Field(max_length=1_000_000)
 
 
 # Accepted by OpenAI, refused here: what a client may send instead.

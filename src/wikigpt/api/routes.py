@@ -2,7 +2,8 @@
 
 `GET /` (health with model facts, the original's health URL), `GET /health` (live), `GET /ready`
 (503 until requests can be served), `POST /predict` (the original contract), `POST
-/v1/completions` and `GET /v1/models` (OpenAI-compatible), `GET /metrics` (Prometheus). The API
+/v1/completions`, `POST /v1/chat/completions` and `GET /v1/models` (OpenAI-compatible), `POST /tokenize` and `POST /detokenize`
+(vLLM's), `GET /metrics` (Prometheus). The API
 key, when set, guards every route but the first three (app.py's `ApiKeyGuard`).
 """
 
@@ -59,10 +60,27 @@ async def completions(request: Request, s: Serving = Depends(serving)):
     return await s.completions(request)
 
 
+async def chat_completions(request: Request, s: Serving = Depends(serving)):
+    """OpenAI's chat completions for a base model (api/chat.py: the prompt a conversation becomes)."""
+    return await s.chat_completions(request)
+
+
+async def tokenize(request: Request, s: Serving = Depends(serving)) -> dict:
+    """vLLM's tokenizer route: `{"prompt": "..."}` -> `{"count", "max_model_len", "tokens", "token_strs"}`."""
+    return await s.tokenize(request)
+
+
+async def detokenize(request: Request, s: Serving = Depends(serving)) -> dict:
+    """vLLM's: `{"tokens": [ids]}` -> `{"prompt": text}`."""
+    return await s.detokenize(request)
+
+
 def add_routes(app: FastAPI) -> None:
     """Registered on the app itself (not through an APIRouter), so `app.routes` lists them all."""
     for method, path, endpoint in (("GET", "/", root), ("GET", "/health", health), ("GET", "/ready", ready),
                                    ("GET", "/metrics", metrics), ("GET", "/v1/models", list_models),
                                    ("GET", "/v1/models/{model_id:path}", get_model),
-                                   ("POST", "/predict", predict), ("POST", "/v1/completions", completions)):
+                                   ("POST", "/predict", predict), ("POST", "/v1/completions", completions),
+                                   ("POST", "/v1/chat/completions", chat_completions),
+                                   ("POST", "/tokenize", tokenize), ("POST", "/detokenize", detokenize)):
         app.add_api_route(path, endpoint, methods=[method])

@@ -22,12 +22,16 @@ from .. import __version__
 from ..errors import EngineError, InvalidRequestError, ModelNotFoundError, OverloadedError, WikigptError
 from ..settings import SamplingParams, ServeSettings
 from .client import CompletionStream, EngineClient
+from .upstream import UpstreamClient
 from .logprobs import echo_of, logprobs_object, prompt_scores
 from .metrics import Metrics
-from .protocol import CompletionRequest, PredictRequest, error_body, read_body
+from .chat import AssistantText, chat_logprobs
+from .chat import render as render_chat
+from .protocol import (ChatRequest, CompletionRequest, DetokenizeRequest, PredictRequest, TokenizeRequest, error_body,
+                       read_body)
 
 log = logging.getLogger("wikigpt.api")
-ROUTES = ["/predict", "/v1/completions", "/v1/models", "/metrics", "/health", "/ready"]
+ROUTES = ["/predict", "/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize", "/metrics", "/health", "/ready"]
 Job = tuple[str | list[int], SamplingParams]
 
 
@@ -44,8 +48,11 @@ class Serving:
         return self.settings.served_model_name or self.client.lm.name
 
     def model_card(self) -> dict:
+        """vLLM's model card (`root`: where the model came from; `max_model_len`) plus our facts."""
         c = self.client
+        root = c.root if isinstance(c, UpstreamClient) else self.settings.model
         return {"id": self.name, "object": "model", "created": self.created, "owned_by": "wikigpt",
+                "root": root or self.name, "parent": None, "max_model_len": c.context_length,
                 "context_length": c.context_length, "n_params": c.lm.n_params, **c.info()}
 
     def health(self) -> dict:
@@ -100,15 +107,48 @@ class Serving:
                     echo, lp, _ = _scored(echo, o.prompt_logprobs, o.logprobs, 0)
                 choices.append(_choice(i, echo + o.text, streams[i].finish_reason, lp))
             return {**head, "choices": choices, "usage": _usage(streams, n)}
-        try:
-            await _opened(streams)  # an upstream's refusal is our 4xx, not an event after a 200
-        except BaseException:
-            _cancel(streams)
-            raise
-        usage = bool(req.stream_options and req.stream_options.include_usage)
-        events = self._events(streams, head, echoes, scored, n if usage else None, started)
-        return StreamingResponse(events, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        payloads = _completion_events(streams, head, echoes, scored)
+        return await self._stream(streams, payloads, head if _wants_usage(req) else None, n, started)
+
+    async def chat_completions(self, request: Request) -> Any:
+        """OpenAI's chat completions for a base model: the messages rendered into a prompt
+        (chat.py: the model's template, else a plain transcript), its continuation the reply."""
+        started = time.perf_counter()
+        req = await read_body(request, ChatRequest, self.settings.max_body_bytes)
+        self.check_model(req.model)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise InvalidRequestError("top_logprobs needs logprobs: true", param="top_logprobs")
+        if req.n > self.client.max_batch_size:
+            raise InvalidRequestError(f"n is {req.n}; this server generates at most {self.client.max_batch_size} "
+                                      "per request", param="n")
+        prompt, stops = render_chat([m.model_dump() for m in req.messages], self.client.tokenizer)
+        scoring = {"logprobs": req.top_logprobs or 0} if req.logprobs else {}
+        jobs = [(prompt, req.sampling(j, stops)) for j in range(req.n)]
+        streams = self._submit(jobs, req.ignore_eos, "max_tokens", streamed=req.stream, **scoring)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                "model": self.name}
+        if not req.stream:
+            outs = await self._collect(request, streams, started)
+            if outs is None:
+                return Response(status_code=499)
+            choices = [{"index": i, "message": {"role": "assistant", "content": AssistantText()(o.text)},
+                        "logprobs": chat_logprobs(o.logprobs, req.top_logprobs or 0) if req.logprobs else None,
+                        "finish_reason": streams[i].finish_reason} for i, o in enumerate(outs)]
+            return {**head, "choices": choices, "usage": _usage(streams, req.n)}
+        head["object"] = "chat.completion.chunk"
+        payloads = _chat_events(streams, head, (req.top_logprobs or 0) if req.logprobs else None)
+        return await self._stream(streams, payloads, head if _wants_usage(req) else None, req.n, started)
+
+    async def tokenize(self, request: Request) -> dict:
+        req = await read_body(request, TokenizeRequest, self.settings.max_body_bytes)
+        self.check_model(req.model)
+        ids, strings = await self.client.tokenize(req.prompt, req.add_special_tokens, req.return_token_strs)
+        return {"count": len(ids), "max_model_len": self.client.context_length, "tokens": ids, "token_strs": strings}
+
+    async def detokenize(self, request: Request) -> dict:
+        req = await read_body(request, DetokenizeRequest, self.settings.max_body_bytes)
+        self.check_model(req.model)
+        return {"prompt": await self.client.detokenize(req.tokens)}
 
     # ---- helpers ------------------------------------------------------------------------------
     def _echo(self, prompt: str | list[int], scored: bool) -> str | None:
@@ -154,24 +194,24 @@ class Serving:
             _cancel(streams)  # disconnected, or a sibling failed: free their slots
             self.metrics.finished(streams, started)
 
-    async def _events(self, streams: list[CompletionStream], head: dict, echoes: list[str | None], scored: bool,
-                      usage_n: int | None, started: float) -> AsyncIterator[str]:
-        """Server-sent events: echoes, then chunks as they come, usage if asked, `[DONE]` last.
-        With logprobs, a choice's echo waits for its first chunk, which brings the prompt's scores."""
-        offsets = [0] * len(streams)
+    async def _stream(self, streams: list[CompletionStream], payloads: AsyncIterator[dict], usage_head: dict | None,
+                      n: int, started: float) -> StreamingResponse:
+        """`payloads` as server-sent events, then usage (when `usage_head` is given) and `[DONE]`."""
         try:
-            for i, echo in enumerate(echoes):
-                if echo and not scored:
-                    yield sse({**head, "choices": [_choice(i, echo, None)]})
-            async for i, c in merge(streams):
-                text, lp = c.text, None
-                if scored:
-                    echo, echoes[i] = echoes[i], ""
-                    echo, lp, offsets[i] = _scored(echo, c.prompt_logprobs, c.logprobs, offsets[i])
-                    text = echo + text
-                yield sse({**head, "choices": [_choice(i, text, c.finish_reason, lp)]})
-            if usage_n is not None:
-                yield sse({**head, "choices": [], "usage": _usage(streams, usage_n)})
+            await _opened(streams)  # an upstream's refusal is our 4xx, not an event after a 200
+        except BaseException:
+            _cancel(streams)
+            raise
+        return StreamingResponse(self._sse(streams, payloads, usage_head, n, started), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def _sse(self, streams: list[CompletionStream], payloads: AsyncIterator[dict], usage_head: dict | None,
+                   n: int, started: float) -> AsyncIterator[str]:
+        try:
+            async for payload in payloads:
+                yield sse(payload)
+            if usage_head is not None:
+                yield sse({**usage_head, "choices": [], "usage": _usage(streams, n)})
         except WikigptError as exc:
             yield sse(error_body(exc))
         except Exception:  # a bug: logged with its traceback, the client gets a clean event
@@ -181,6 +221,42 @@ class Serving:
             _cancel(streams)
             self.metrics.finished(streams, started)
         yield sse("[DONE]")
+
+
+async def _completion_events(streams: list[CompletionStream], head: dict, echoes: list[str | None],
+                             scored: bool) -> AsyncIterator[dict]:
+    """Completion events: echoes, then chunks as they come. With logprobs, a choice's echo
+    waits for its first chunk, which brings the prompt's scores."""
+    offsets = [0] * len(streams)
+    for i, echo in enumerate(echoes):
+        if echo and not scored:
+            yield {**head, "choices": [_choice(i, echo, None)]}
+    async for i, c in merge(streams):
+        text, lp = c.text, None
+        if scored:
+            echo, echoes[i] = echoes[i], ""
+            echo, lp, offsets[i] = _scored(echo, c.prompt_logprobs, c.logprobs, offsets[i])
+            text = echo + text
+        yield {**head, "choices": [_choice(i, text, c.finish_reason, lp)]}
+
+
+async def _chat_events(streams: list[CompletionStream], head: dict, top_n: int | None) -> AsyncIterator[dict]:
+    """Chat chunks: each choice opens with the assistant's role, then its text as it comes;
+    its last chunk carries the finish_reason. `top_n`: alternatives per scored token (None: no scores)."""
+    replies = [AssistantText() for _ in streams]
+    for i in range(len(streams)):
+        yield {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                    "finish_reason": None}]}
+    async for i, c in merge(streams):
+        text = replies[i](c.text)
+        if text or c.finish_reason or c.logprobs:
+            yield {**head, "choices": [{"index": i, "delta": {"content": text} if text else {},
+                                        "logprobs": None if top_n is None else chat_logprobs(c.logprobs, top_n),
+                                        "finish_reason": c.finish_reason}]}
+
+
+def _wants_usage(req: CompletionRequest | ChatRequest) -> bool:
+    return bool(req.stream_options and req.stream_options.include_usage)
 
 
 def sse(payload: dict | str) -> str:

@@ -68,6 +68,7 @@ class UpstreamClient:
         self.context_length: int | None = None
         self.tokenizer = None
         self.lm = UpstreamModel(self.wanted or "")
+        self.root: str | None = None  # the upstream's `root` (where its model came from), once known
         self.ready = threading.Event()
         self.not_ready_reason = f"the upstream {self.url} has not answered yet"
         self.on_step: Callable | None = None  # no decoding steps here; kept for the interface
@@ -130,6 +131,31 @@ class UpstreamClient:
             body["max_tokens"] = 0
         return UpstreamStream(self, body, params.stop, max_tokens_name)
 
+    async def tokenize(self, text: str, add_special_tokens: bool = True,
+                       with_strings: bool = False) -> tuple[list[int], list[str] | None]:
+        """The upstream's own /tokenize (vLLM's route; another wikigpt serve has it too)."""
+        answer = await self._relay_json("/tokenize", {"model": self.lm.name, "prompt": text,
+                                                      "add_special_tokens": add_special_tokens,
+                                                      "return_token_strs": with_strings})
+        return list(answer["tokens"]), answer.get("token_strs") if with_strings else None
+
+    async def detokenize(self, ids: list[int]) -> str:
+        return str((await self._relay_json("/detokenize", {"model": self.lm.name, "tokens": ids}))["prompt"])
+
+    async def _relay_json(self, path: str, body: dict) -> dict:
+        if not self.lm.name:
+            raise NotReadyError(self.not_ready_reason, retry_after=5)
+        try:
+            r = await self._http.post(path, json=body)
+        except httpx.HTTPError as exc:
+            raise self._transport_error(exc) from None
+        if r.status_code >= 400:
+            raise self._status_error(r.status_code, r.content)
+        try:
+            return r.json()
+        except ValueError:
+            raise UpstreamError(f"the upstream {self.url} sent an answer to {path} this server cannot read") from None
+
     # ---- readiness ----------------------------------------------------------------------------
     async def _watch(self) -> None:
         while True:
@@ -156,6 +182,7 @@ class UpstreamClient:
             return
         self.lm.name, self.lm.dtype = card["id"], str(card.get("dtype") or "")
         self.lm.n_params = card.get("n_params")
+        self.root = card.get("root") or card["id"]
         self.context_length = card.get("max_model_len") or card.get("context_length")
         if not self.ready.is_set():
             log.info("upstream %s ready: serving %s (context %s)", self.url, self.lm.name, self.context_length)
