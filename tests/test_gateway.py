@@ -121,7 +121,10 @@ def scored_both_ways(srv: LiveServer, **args) -> tuple[list[dict], object, str, 
 
 @pytest.fixture(scope="module")
 def upstream(tiny_model_dir):
-    up = Upstream(tiny_model_dir)
+    # float32, as the in-process test servers: a CPU with native bf16 would serve bf16, whose
+    # numbers (and so seeded samples) change with how requests share a batch, and the gateway
+    # sends a request's n choices as separate upstream requests that may or may not
+    up = Upstream(tiny_model_dir, "--dtype", "float32")
     yield up
     up.kill()
 
