@@ -8,8 +8,7 @@ import httpx
 import openai
 import pytest
 
-from tests.test_api import LiveServer
-from tests.test_gateway import Upstream, gateway
+from tests.test_gateway import served
 from wikigpt.api.chat import render
 from wikigpt.generation import generate
 from wikigpt.settings import SamplingParams
@@ -24,16 +23,8 @@ TRANSCRIPT = ("You answer questions about Wikipedia.\n\nUser: What is data scien
 
 @pytest.fixture(scope="module", params=["engine", "gateway"])
 def url(request, tiny_lm, tiny_model_dir):
-    if request.param == "engine":
-        srv = LiveServer(tiny_lm)
-        yield srv.url
-        srv.close()
-        return
-    up = Upstream(tiny_model_dir)
-    srv = gateway(up.url)
-    yield srv.url
-    srv.close()
-    up.kill()
+    with served(request.param, tiny_lm, tiny_model_dir) as url:
+        yield url
 
 
 def test_a_base_model_gets_the_plain_transcript():
@@ -86,7 +77,10 @@ def test_chat_n_seed_and_logprobs(url):
     two = oc.chat.completions.create(**{**args, "n": 2})
     assert [c.index for c in two.choices] == [0, 1] and two.usage.prompt_tokens == a.usage.prompt_tokens
     lp = a.choices[0].logprobs.content
-    assert lp and all(t.logprob <= 0 and len(t.top_logprobs) == 3 for t in lp)
+    # at most 3 alternatives: through the gateway they come from the legacy object, a dict keyed
+    # by token text, where two tokens spelled alike (partial characters, "\ufffd") are one entry
+    assert lp and all(t.logprob <= 0 and 0 < len(t.top_logprobs) <= 3 for t in lp)
+    assert sum(len(t.top_logprobs) == 3 for t in lp) >= len(lp) / 2
     assert all(bytes(t.bytes).decode("utf-8", "replace") == t.token for t in lp if "\ufffd" not in t.token)
 
 

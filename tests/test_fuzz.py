@@ -12,8 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.test_api import LiveServer
-from tests.test_gateway import Upstream, gateway
+from tests.test_gateway import served
 from wikigpt.api.protocol import ChatRequest, CompletionRequest, DetokenizeRequest, PredictRequest, TokenizeRequest
 
 # every route that reads a body: its schema and a valid body each odd value is put into
@@ -50,16 +49,8 @@ def bodies(route: str) -> st.SearchStrategy[str]:
 
 @pytest.fixture(scope="module", params=["engine", "gateway"])
 def url(request, tiny_lm, tiny_model_dir):
-    if request.param == "engine":
-        srv = LiveServer(tiny_lm, max_body_bytes=100_000)
-        yield srv.url
-        srv.close()
-        return
-    up = Upstream(tiny_model_dir)
-    srv = gateway(up.url, max_body_bytes=100_000)
-    yield srv.url
-    srv.close()
-    up.kill()
+    with served(request.param, tiny_lm, tiny_model_dir, max_body_bytes=100_000) as url:
+        yield url
 
 
 @pytest.mark.parametrize("route", list(ROUTES))

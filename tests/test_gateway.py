@@ -62,6 +62,26 @@ class Upstream:
         self.proc.stderr.close()
 
 
+@contextmanager
+def served(mode: str, lm, model_dir, **settings):
+    """The URL of a live API on `lm`: the in-process engine ("engine"), or a gateway in front of
+    a real `wikigpt serve` upstream on `model_dir` in float32 ("gateway"); for tests run in both."""
+    if mode == "engine":
+        srv = LiveServer(lm, **settings)
+        try:
+            yield srv.url
+        finally:
+            srv.close()
+        return
+    up = Upstream(model_dir, "--dtype", "float32")
+    srv = gateway(up.url, **settings)
+    try:
+        yield srv.url
+    finally:
+        srv.close()
+        up.kill()
+
+
 def gateway(upstream_url: str, wait_ready: bool = True, **settings) -> LiveServer:
     settings = {"upstream": upstream_url, **settings}
     return LiveServer(client=UpstreamClient(ServeSettings(**settings)), wait_ready=wait_ready, **settings)

@@ -7,24 +7,15 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.test_api import LiveServer
-from tests.test_gateway import Upstream, gateway
+from tests.test_gateway import served
 
 TEXTS = ["Data Science is", " The history of the Roman Empire\n\n", "naïve café ☕", ""]
 
 
 @pytest.fixture(scope="module", params=["engine", "gateway"])
 def url(request, tiny_lm, tiny_model_dir):
-    if request.param == "engine":
-        srv = LiveServer(tiny_lm)
-        yield srv.url
-        srv.close()
-        return
-    up = Upstream(tiny_model_dir)
-    srv = gateway(up.url)
-    yield srv.url
-    srv.close()
-    up.kill()
+    with served(request.param, tiny_lm, tiny_model_dir) as url:
+        yield url
 
 
 def test_tokenize_and_detokenize_match_the_tokenizer(url, tiny_lm):
