@@ -460,6 +460,7 @@ def test_the_vllm_compose_override_runs_vllm_and_the_backend_in_upstream_mode():
     assert vllm["environment"]["WIKIGPT_MODEL"] == base["backend"]["environment"]["WIKIGPT_MODEL"]
     assert vllm["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     assert backend["command"][backend["command"].index("--upstream") + 1] == "http://vllm:8000"
+    assert backend["build"]["dockerfile"] == "docker/gateway.Dockerfile"  # the slim image: no torch
     assert "/ready" in " ".join(backend["healthcheck"]["test"]) and "ui" not in over  # the UI unchanged
     assert base["ui"]["depends_on"]["backend"]["condition"] == "service_healthy"
 
