@@ -85,6 +85,27 @@ def test_smoke_run_loss_falls_and_writes_a_servable_model(tiny_model_dir, wiki_f
     assert generate(lm, "Data science", SamplingParams(max_new_tokens=5, seed=0)).startswith("Data science")
 
 
+def test_report_to_tensorboard_writes_what_the_run_measured(tiny_model_dir, wiki_file, tmp_path):
+    """`--report-to tensorboard`: the event file, read back with TensorBoard's own reader, holds
+    every step's loss, learning rate and tokens/s, and the validation perplexity, as measured."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from wikigpt.train import train
+
+    report = train(settings(tiny_model_dir, wiki_file, tmp_path, max_steps=6, eval_interval=3, report_to="tensorboard"))
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))  # the scalars (hparams: a subfolder)
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    assert {"train/loss", "train/learning_rate", "train/tokens_per_s", "train/grad_norm", "val/perplexity"} <= set(scalars)
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == list(range(1, 7))
+    assert [e.value for e in loss] == pytest.approx(report["losses"], rel=1e-4)
+    ppl = {e.step: e.value for e in events.Scalars("val/perplexity")}
+    assert ppl[3] == pytest.approx(report["evals"][0]["val_ppl"], rel=1e-3)
+    assert ppl[6] == pytest.approx(report["validation"]["val_ppl"], rel=1e-3)
+    assert all(e.value > 0 for e in events.Scalars("train/tokens_per_s"))
+
+
 def test_interrupted_then_resumed_equals_uninterrupted(tiny_model_dir, wiki_file, tmp_path):
     from wikigpt.checkpoints import list_checkpoints
     from wikigpt.train import train
@@ -258,6 +279,7 @@ def test_every_preset_is_valid():
         (["--learning-rate", "0"], "--learning-rate: Input should be greater than 0"),
         (["--resume"], "--resume: no checkpoint in"),
         (["--data", "/nonexistent"], "--data /nonexistent: no such folder"),
+        (["--report-to", "wandb"], "--report-to wandb needs the wandb package: pip install wandb"),  # not a dependency
     ],
 )
 def test_bad_settings_exit_2_with_one_clear_message(args, message, tiny_model_dir, wiki_file, tmp_path, capsys):

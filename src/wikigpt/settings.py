@@ -336,6 +336,11 @@ class TrainSettings(DataSettings, _ModelChoice):
     """Seed for weight init, data order and dropout; a run is reproducible from it."""
     progress: bool = True
     """Show a progress bar (tokens/s, loss, ETA); a log line is printed at each evaluation either way."""
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"
+    """Also log loss, learning rate, gradient norm, tokens/s and validation perplexity to a
+    dashboard, through accelerate's trackers: 'tensorboard' writes OUTPUT_DIR/tensorboard/
+    (`tensorboard --logdir OUTPUT_DIR`), 'wandb' a Weights & Biases run in project 'wikigpt'
+    (`pip install wandb`, then `wandb login`). metrics.jsonl is written either way."""
 
 
 # Fixed prompts for the report's sample continuations and the decoding-quality check:

@@ -315,7 +315,8 @@ def setup(s: TrainSettings) -> Run:
     out = Path(s.output_dir).expanduser()
     kind = device_type(s.device)
     precision = resolve_precision(s.precision, kind)
-    accelerator = Accelerator(cpu=kind == "cpu", mixed_precision={"fp32": "no"}.get(precision, precision))
+    accelerator = Accelerator(cpu=kind == "cpu", mixed_precision={"fp32": "no"}.get(precision, precision),
+                              log_with=_tracker(s.report_to), project_dir=str(out))
     resume_from = resume_point(out, s, accelerator)
     source = wdata.resolve_source(s)
     model, tokenizer = _load_start(s, resume_from)
@@ -335,7 +336,24 @@ def setup(s: TrainSettings) -> Run:
               sampler=BlockSampler(wdata.num_blocks(train_tokens, s.block_size), s.seed), plan=plan, progress=progress)
     if run.main:
         out.mkdir(parents=True, exist_ok=True)
+    if s.report_to != "none":  # every process calls it; accelerate starts the tracker on the main one
+        config = {k: v for k, v in s.model_dump(mode="json").items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers("tensorboard" if s.report_to == "tensorboard" else "wikigpt", config=config,
+                                  init_kwargs={"wandb": {"name": out.name}})
     return run
+
+
+def _tracker(report_to: str) -> str | None:
+    """accelerate's tracker name for --report-to, its package checked first: accelerate itself
+    only warns and logs nowhere when the package is missing."""
+    if report_to == "none":
+        return None
+    import importlib.util
+
+    if importlib.util.find_spec(report_to) is None:
+        hint = "pip install tensorboard" if report_to == "tensorboard" else "pip install wandb, then wandb login"
+        raise ConfigError(f"--report-to {report_to} needs the {report_to} package: {hint}")
+    return report_to
 
 
 def announce(run: Run) -> None:
@@ -388,6 +406,8 @@ def run_eval(run: Run, limit: int | None) -> dict | None:
     rec = {"step": step, "val_loss": round(loss, 5), "val_ppl": round(math.exp(min(loss, 50)), 3),
            "val_tokens": min(len(run.val_tokens) - 1, limit or len(run.val_tokens))}
     run.log(f"step {step}: validation loss {loss:.4f}, perplexity {rec['val_ppl']:,.2f}")
+    if s.report_to != "none":
+        run.accelerator.log({"val/loss": loss, "val/perplexity": math.exp(min(loss, 50))}, step=step)
     return rec
 
 
@@ -422,12 +442,15 @@ def train(s: TrainSettings, should_stop: Callable[[int], bool] | None = None) ->
     """
     run = setup(s)
     announce(run)
-    reason, signum = loop(run, should_stop)
-    checkpoint(run, reason)
-    if reason == "interrupted":
-        run.log(f"stopped at step {run.progress.step}/{run.plan.max_steps}; continue with --resume")
-        return {"stopped": reason, "step": run.progress.step, **({"signal": signum} if signum else {})}
-    return finish(run, reason)
+    try:
+        reason, signum = loop(run, should_stop)
+        checkpoint(run, reason)
+        if reason == "interrupted":
+            run.log(f"stopped at step {run.progress.step}/{run.plan.max_steps}; continue with --resume")
+            return {"stopped": reason, "step": run.progress.step, **({"signal": signum} if signum else {})}
+        return finish(run, reason)
+    finally:
+        run.accelerator.end_training()  # flushes and closes the dashboards' writers
 
 
 def loop(run: Run, should_stop: Callable[[int], bool] | None) -> tuple[str, int | None]:
@@ -474,6 +497,9 @@ def _log_step(run: Run, bar, metrics, loss: float, grad_norm: float, dt: float) 
                                   "grad_norm": round(grad_norm, 4), "tokens_per_s": round(tok_s, 1),
                                   "time": round(run.progress.train_seconds, 3)}) + "\n")
         metrics.flush()
+    if run.s.report_to != "none":
+        run.accelerator.log({"train/loss": loss, "train/learning_rate": lr, "train/grad_norm": grad_norm,
+                             "train/tokens_per_s": tok_s}, step=run.progress.step)
 
 
 def finish(run: Run, reason: str) -> dict:
