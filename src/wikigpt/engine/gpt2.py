@@ -13,7 +13,9 @@ Decoding runs rows [0, highest used slot]: free slots below that ride along as d
 
 from __future__ import annotations
 
+import functools
 import logging
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -96,7 +98,7 @@ class GPT2Forward:
                             type(exc).__name__, exception_line(exc))
 
     def _norm(self, x: torch.Tensor, ln: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        return F.layer_norm(x, (self.dim,), ln[0], ln[1], self.eps)
+        return _norm(x, *ln, dim=self.dim, eps=self.eps)
 
     def _mlp(self, x: torch.Tensor, block: _Block) -> torch.Tensor:
         return x + block.mlp_proj(self.act(block.fc(self._norm(x, block.ln2))))
@@ -195,65 +197,86 @@ class _OneRow:
     """
 
     def __init__(self, fw: GPT2Forward) -> None:
-        act, f32 = fw.act, torch.float32
-
-        def norm(x, w, b):
-            return fw._norm(x, (w, b))
-
-        def residual_norm(h, x, w, b, ln_w, ln_b):  # x + h W^T + b, and its layer norm
-            x = x + row_product(h, w, b)
-            return x, norm(x, ln_w, ln_b)
-
-        def embed_qkv(ids, pos, wte, wpe, ln_w, ln_b, w, b):
-            x = wte[ids] + wpe[pos]
-            n = norm(x, ln_w, ln_b)
-            return x, n, row_product(n, w, b)
-
-        def proj_fc(y, x, w, b, ln_w, ln_b, w_fc, b_fc):
-            x, n = residual_norm(y, x, w, b, ln_w, ln_b)
-            return x, n, act(row_product(n, w_fc, b_fc))
-
-        def proj_qkv(h, x, w, b, ln_w, ln_b, w_qkv, b_qkv):
-            x, n = residual_norm(h, x, w, b, ln_w, ln_b)
-            return x, n, row_product(n, w_qkv, b_qkv)
-
-        def proj_head(h, x, w, b, ln_w, ln_b, w_head):
-            _, n = residual_norm(h, x, w, b, ln_w, ln_b)
-            return n, row_product(n, w_head, None, f32)
-
         self.fw, blocks, dev = fw, fw.blocks, fw.device
         self.cols = fw.dim // fw.n_head
-        # per block: the weights of its two graphs (the second ends in the next block's QKV)
-        nexts = [(*nb.ln1, nb.qkv.weight, nb.qkv.bias) for nb in blocks[1:]] + [(*fw.ln_f, fw.head.weight)]
-        self.args = [((b.attn_proj.weight, b.attn_proj.bias, *b.ln2, b.fc.weight, b.fc.bias),
-                      (b.mlp_proj.weight, b.mlp_proj.bias, *nxt)) for b, nxt in zip(blocks, nexts)]
         self.first = (fw.wte, fw.wpe, *blocks[0].ln1, blocks[0].qkv.weight, blocks[0].qkv.bias)
+        # per block, the weights of its two graphs: the second ends in the next block's QKV, or
+        # after the last block in the final norm and the LM head
+        nexts = [(*nb.ln1, nb.qkv.weight, nb.qkv.bias) for nb in blocks[1:]] + [(*fw.ln_f, fw.head.weight)]
+        self.chains = [_Chain(proj=(b.attn_proj.weight, b.attn_proj.bias, *b.ln2, b.fc.weight, b.fc.bias),
+                              mlp=(b.mlp_proj.weight, b.mlp_proj.bias, *nxt)) for b, nxt in zip(blocks, nexts)]
         self.mask = torch.ones(1, 1, fw.cache.keys[0].shape[2], dtype=torch.bool, device=dev)
 
         # example inputs: distinct tensors (one tensor passed twice would be traced as one input)
         def row(width):
             return torch.randn(1, width, dtype=fw.dtype, device=dev)
 
+        norm = functools.partial(_norm, dim=fw.dim, eps=fw.eps)
         ids, pos = (torch.zeros(1, dtype=torch.long, device=dev) for _ in range(2))
-        (proj, mlp), last, inner = self.args[0], self.args[-1][1], blocks[0].fc.weight.shape[0]
-        self.embed_qkv = compile_graph(embed_qkv, [ids, pos, *self.first])
-        self.proj_fc = compile_graph(proj_fc, [row(fw.dim), row(fw.dim), *proj])
-        self.proj_qkv = compile_graph(proj_qkv, [row(inner), row(fw.dim), *mlp]) if len(blocks) > 1 else None
-        self.proj_head = compile_graph(proj_head, [row(inner), row(fw.dim), *last])
+        inner, first, last = blocks[0].fc.weight.shape[0], self.chains[0], self.chains[-1]
+        self.embed_qkv = compile_graph(functools.partial(_embed_qkv, norm=norm), [ids, pos, *self.first])
+        self.proj_fc = compile_graph(functools.partial(_proj_fc, norm=norm, act=fw.act),
+                                     [row(fw.dim), row(fw.dim), *first.proj])
+        self.proj_qkv = (compile_graph(functools.partial(_proj_qkv, norm=norm), [row(inner), row(fw.dim), *first.mlp])
+                         if len(blocks) > 1 else None)
+        self.proj_head = compile_graph(functools.partial(_proj_head, norm=norm), [row(inner), row(fw.dim), *last.mlp])
 
     def __call__(self, slot: int, token: torch.Tensor) -> torch.Tensor:
         fw, cache = self.fw, self.fw.cache
         p = cache.lengths[slot]
         x, _, qkv = self.embed_qkv(token, torch.tensor([p], device=fw.device), *self.first)
-        mask, last = self.mask[..., :p + 1], len(self.args) - 1
-        for layer, (proj, mlp) in enumerate(self.args):
+        mask = self.mask[..., :p + 1]
+        for layer, chain in enumerate(self.chains):
             q, k, v = qkv.view(1, 3, fw.n_head, self.cols).unbind(1)
             keys, values = cache.keys[layer][slot:slot + 1], cache.values[layer][slot:slot + 1]
             keys[0, :, p], values[0, :, p] = k[0], v[0]
             y = fw.kernels.attention(q, keys[:, :, :p + 1], values[:, :, :p + 1], mask, fw.scale)
-            x, _, h = self.proj_fc(y.reshape(1, fw.dim), x, *proj)
-            if layer < last:
-                x, _, qkv = self.proj_qkv(h, x, *mlp)
-        _, logits = self.proj_head(h, x, *mlp)
+            x, _, hidden = self.proj_fc(y.reshape(1, fw.dim), x, *chain.proj)
+            if chain is self.chains[-1]:
+                _, logits = self.proj_head(hidden, x, *chain.mlp)
+            else:
+                x, _, qkv = self.proj_qkv(hidden, x, *chain.mlp)
         cache.lengths[slot] += 1
         return logits[:, :fw.vocab]
+
+
+class _Chain(NamedTuple):
+    """One block's weights as its two graphs take them: `proj` (attention output product and
+    bias, ln_2, MLP first product and bias), `mlp` (MLP second product and bias, then the next
+    block's ln_1 and QKV product and bias, or the final norm and the LM head)."""
+
+    proj: tuple[torch.Tensor, ...]
+    mlp: tuple[torch.Tensor, ...]
+
+
+# The one-row graphs, traced and compiled once each by _OneRow (functions of tensors only: the
+# layer norm's size and epsilon and the activation are bound with functools.partial).
+def _norm(x, w, b, *, dim: int, eps: float):
+    return F.layer_norm(x, (dim,), w, b, eps)
+
+
+def _residual_norm(h, x, w, b, ln_w, ln_b, norm):
+    """x + h W^T + b, and its layer norm (returned too: see _OneRow on why)."""
+    x = x + row_product(h, w, b)
+    return x, norm(x, ln_w, ln_b)
+
+
+def _embed_qkv(ids, pos, wte, wpe, ln_w, ln_b, w, b, *, norm):
+    x = wte[ids] + wpe[pos]
+    n = norm(x, ln_w, ln_b)
+    return x, n, row_product(n, w, b)
+
+
+def _proj_fc(y, x, w, b, ln_w, ln_b, w_fc, b_fc, *, norm, act):
+    x, n = _residual_norm(y, x, w, b, ln_w, ln_b, norm)
+    return x, n, act(row_product(n, w_fc, b_fc))
+
+
+def _proj_qkv(h, x, w, b, ln_w, ln_b, w_qkv, b_qkv, *, norm):
+    x, n = _residual_norm(h, x, w, b, ln_w, ln_b, norm)
+    return x, n, row_product(n, w_qkv, b_qkv)
+
+
+def _proj_head(h, x, w, b, ln_w, ln_b, w_head, *, norm):
+    _, n = _residual_norm(h, x, w, b, ln_w, ln_b, norm)
+    return n, row_product(n, w_head, None, torch.float32)
