@@ -392,7 +392,12 @@ class EvalSettings(ModelSettings, _TextSource):
     _split_models = field_validator("model", mode="before")(_comma_list)
 
 
-class DecodingCheckSettings(ModelSettings):
+class _SampleSeed(_Settings):
+    seed: int = Field(0, ge=0)
+    """Seed of the sampled continuations: the same seed and settings give the same output."""
+
+
+class DecodingCheckSettings(ModelSettings, _SampleSeed):
     """Compare greedy and default decoding over fixed prompts: repeated n-grams and
     runs of blank lines in the raw continuations (the original's greedy output degenerated)."""
 
@@ -400,8 +405,6 @@ class DecodingCheckSettings(ModelSettings):
     """Prompt to continue; repeat --prompt for several. Default: eight fixed Wikipedia-style openings."""
     samples: int = Field(3, ge=1, le=64)
     """Sampled continuations per prompt with the default decoding (greedy is deterministic: one)."""
-    seed: int = Field(0, ge=0)
-    """Seed of the sampled continuations: the same seed and settings give the same table."""
     max_new_tokens: int = Field(128, ge=8, le=1024)
     """Tokens generated per prompt (long enough for loops and newline runs to show)."""
     ngram: int = Field(4, ge=1, le=16)
@@ -412,7 +415,7 @@ class DecodingCheckSettings(ModelSettings):
 
 
 
-class ReportSettings(ModelSettings):
+class ReportSettings(ModelSettings, _SampleSeed):
     """Write RUN_DIR/report.md: loss curves (PNG), base-vs-fine-tuned perplexity, sample
     continuations with the default decoding and the decoding-quality table."""
 
@@ -425,8 +428,6 @@ class ReportSettings(ModelSettings):
     prompt: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), min_length=1, max_length=64)
     """Prompt of a sample continuation; repeat --prompt for several. Default: the eight fixed
     prompts of `wikigpt decoding-check`."""
-    seed: int = Field(0, ge=0)
-    """Seed of the sample continuations (the same seed gives the same report)."""
     max_new_tokens: int = Field(128, ge=1, le=1024)
     """Tokens per sample continuation and per decoding-check continuation."""
     decoding_check: bool = True
