@@ -117,6 +117,16 @@ class Engine:
     def encode(self, text: str) -> list[int]:
         return self._encoder.encode(text)
 
+    async def tokenize(self, text: str, add_special_tokens: bool = True,
+                       with_strings: bool = False) -> tuple[list[int], list[str] | None]:
+        ids = self._encoder.encode(text, add_special_tokens=add_special_tokens)
+        return ids, self._encoder.convert_ids_to_tokens(ids) if with_strings else None
+
+    async def detokenize(self, ids: list[int]) -> str:
+        if bad := [t for t in ids if not 0 <= t < self.vocab_size]:
+            raise InvalidRequestError(f"token ids must be in [0, {self.vocab_size}); got {bad[0]}", param="tokens")
+        return self._encoder.decode(ids)
+
     def submit(self, prompt: str | list[int], params: SamplingParams, *, ignore_eos: bool = False,
                max_tokens_name: str = "max_new_tokens", logprobs: int | None = None, echo: bool = False,
                score_only: bool = False, stream: bool = True) -> RequestStream:
