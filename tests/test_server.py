@@ -75,6 +75,7 @@ def test_sigterm_drains_finishes_what_fits_ends_the_rest_cleanly_and_exits_0(mod
             assert refused.headers["retry-after"] and refused.json()["error"]["type"] == "overloaded_error"
             assert httpx.get(srv.url + "/ready", timeout=10).status_code == 503
             assert httpx.get(srv.url + "/health", timeout=10).status_code == 200  # alive while it drains
+            assert "wikigpt_http_requests_total" in httpx.get(srv.url + "/metrics", timeout=10).text
             short_events = events(got_short + list(short_lines))  # in flight at the signal, done within grace
             long_events = events(got_long + list(long_lines))
         waiter.join(30)

@@ -6,7 +6,8 @@ connections, cancels what is left mid-answer, then re-raises the signal, so the 
 143. Here the first SIGTERM or SIGINT starts a drain instead:
 
 1. new requests get 503 with Retry-After in the usual error JSON (`/health` stays 200: the
-   process is alive), so clients and balancers go elsewhere;
+   process is alive; `/metrics` keeps answering, so the drain itself can be watched), so
+   clients and balancers go elsewhere;
 2. requests in flight finish, for up to --shutdown-grace seconds;
 3. those still running then end cleanly: the engine (or the upstream relay) stops, which
    gives each a `ShuttingDownError`: an error event and `[DONE]` for a stream, a 503 for a
@@ -31,6 +32,7 @@ log = logging.getLogger("wikigpt.api")
 # After the grace period the aborted requests still need their last event written; a client that
 # stopped reading never takes it, so the drain gives up on those after this many seconds more.
 ABORT_SECONDS = 3.0
+STILL_SERVED = frozenset({"/health", "/metrics"})  # while draining: liveness and monitoring
 
 
 class Drain:
@@ -56,7 +58,7 @@ class DrainGuard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if self.drain.draining and scope["path"] != "/health":
+        if self.drain.draining and scope["path"] not in STILL_SERVED:
             from fastapi.responses import JSONResponse
 
             err = ShuttingDownError("the server is shutting down; send the request to another instance or "
