@@ -69,10 +69,11 @@ def resolve_device(name: str = "auto") -> torch.device:
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """'auto': bfloat16 on CUDA (float16 where bf16 is unsupported), float32 elsewhere.
 
-    Why float32 on CPU: decoding one sequence (the CLI's case) is bound by reading the weights,
-    and on a CPU bf16 spends the bytes it saves on conversions; bf16 pays only on large matmuls
-    and only on CPUs with native bf16 units. The commands that run those decide with
-    `bf16_pays` (README: the measurements behind this).
+    Why float32 on CPU here: this is the load for `wikigpt generate` and the notebooks, which run
+    transformers' own `generate` (benchmarks/generate_bench.py measures fp32 against bf16 there),
+    and bf16 is emulated, several times slower, on CPUs without native bf16 units. Serving,
+    evaluation and training decide with `bf16_pays` instead; the serving engine, with its own
+    forward, takes bf16 at batch 1 too where the CPU has it natively (docs/engine.md).
     """
     if name != "auto":
         dtype = DTYPES[name]
