@@ -69,6 +69,8 @@ class EngineClient(Protocol):
     context_length: int | None
     tokenizer: Any  # decodes token-id prompts for `echo`; None where there is none
     lm: ModelFacts
+    root: str | None  # where the model came from (its path or Hub id; upstream: its own `root`)
+    forwards: bool  # completions go to another server; then `on_upstream` reports each one
     on_step: Callable[[int, int, float], None] | None  # (rows, prefill tokens, seconds) per step
 
     @property

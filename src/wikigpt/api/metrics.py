@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .client import CompletionStream, EngineClient
-from .upstream import UpstreamClient
 
 log = logging.getLogger("wikigpt.api")
 
@@ -34,7 +33,7 @@ class Metrics:
         Gauge("wikigpt_running_sequences", "Sequences in the decoding batch (upstream: in flight)",
               registry=r).set_function(lambda: client.batch_size)
         client.on_step = lambda rows, prefill, seconds: self.step_batch.observe(rows)
-        if isinstance(client, UpstreamClient):  # it reports each forwarded completion
+        if client.forwards:  # the upstream client reports each forwarded completion
             self.upstream = Histogram(
                 "wikigpt_upstream_request_duration_seconds",
                 "Forwarded completions: time from sending to the upstream's last byte, by outcome",

@@ -2,9 +2,9 @@
 
 `GET /` (health with model facts, the original's health URL), `GET /health` (live), `GET /ready`
 (503 until requests can be served), `POST /predict` (the original contract), `POST
-/v1/completions`, `POST /v1/chat/completions` and `GET /v1/models` (OpenAI-compatible), `POST /tokenize` and `POST /detokenize`
-(vLLM's), `GET /metrics` (Prometheus). The API
-key, when set, guards every route but the first three (app.py's `ApiKeyGuard`).
+/v1/completions`, `POST /v1/chat/completions` and `GET /v1/models` (OpenAI-compatible), `POST
+/tokenize` and `POST /detokenize` (vLLM's), `GET /metrics` (Prometheus). The API key, when set,
+guards every route but the first three (app.py's `ApiKeyGuard`).
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ import logging
 import time
 
 import uvicorn
+from fastapi.responses import JSONResponse
 
 from ..errors import ShuttingDownError
 from .protocol import error_body
@@ -59,8 +60,6 @@ class DrainGuard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         if self.drain.draining and scope["path"] not in STILL_SERVED:
-            from fastapi.responses import JSONResponse
-
             err = ShuttingDownError("the server is shutting down; send the request to another instance or "
                                     "retry once it is back", retry_after=self.drain.retry_after)
             response = JSONResponse(error_body(err), status_code=err.http_status,

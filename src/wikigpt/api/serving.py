@@ -21,17 +21,17 @@ from fastapi.responses import Response, StreamingResponse
 from .. import __version__
 from ..errors import EngineError, InvalidRequestError, ModelNotFoundError, OverloadedError, WikigptError
 from ..settings import SamplingParams, ServeSettings
-from .client import CompletionStream, EngineClient
-from .upstream import UpstreamClient
-from .logprobs import echo_of, logprobs_object, prompt_scores
-from .metrics import Metrics
 from .chat import AssistantText, chat_logprobs
 from .chat import render as render_chat
+from .client import CompletionStream, EngineClient
+from .logprobs import echo_of, logprobs_object, prompt_scores
+from .metrics import Metrics
 from .protocol import (ChatRequest, CompletionRequest, DetokenizeRequest, PredictRequest, TokenizeRequest, error_body,
                        read_body)
 
 log = logging.getLogger("wikigpt.api")
-ROUTES = ["/predict", "/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize", "/metrics", "/health", "/ready"]
+ROUTES = ["/predict", "/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize",
+          "/metrics", "/health", "/ready"]
 Job = tuple[str | list[int], SamplingParams]
 
 
@@ -50,9 +50,8 @@ class Serving:
     def model_card(self) -> dict:
         """vLLM's model card (`root`: where the model came from; `max_model_len`) plus our facts."""
         c = self.client
-        root = c.root if isinstance(c, UpstreamClient) else self.settings.model
         return {"id": self.name, "object": "model", "created": self.created, "owned_by": "wikigpt",
-                "root": root or self.name, "parent": None, "max_model_len": c.context_length,
+                "root": c.root or self.name, "parent": None, "max_model_len": c.context_length,
                 "context_length": c.context_length, "n_params": c.lm.n_params, **c.info()}
 
     def health(self) -> dict:
@@ -88,10 +87,7 @@ class Serving:
         prompts, n = req.prompts, req.n
         scoring, scored = _scoring(req), req.logprobs is not None
         jobs = [(p, req.sampling(i * n + j)) for i, p in enumerate(prompts) for j in range(n)]
-        cap = self.client.max_batch_size
-        if len(jobs) > cap:
-            raise InvalidRequestError(f"the request asks for {len(jobs)} completions (prompts x n); this "
-                                      f"server generates at most {cap} per request", param="n")
+        self._check_count(len(jobs))
         echoes = [self._echo(p, scored) if req.echo else "" for p in prompts for _ in range(n)]
         streams = self._submit(jobs, req.ignore_eos, "max_tokens", streamed=req.stream, **scoring)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
@@ -118,11 +114,10 @@ class Serving:
         self.check_model(req.model)
         if req.top_logprobs is not None and not req.logprobs:
             raise InvalidRequestError("top_logprobs needs logprobs: true", param="top_logprobs")
-        if req.n > self.client.max_batch_size:
-            raise InvalidRequestError(f"n is {req.n}; this server generates at most {self.client.max_batch_size} "
-                                      "per request", param="n")
+        self._check_count(req.n)
         prompt, stops = render_chat([m.model_dump() for m in req.messages], self.client.tokenizer)
-        scoring = {"logprobs": req.top_logprobs or 0} if req.logprobs else {}
+        top_n = (req.top_logprobs or 0) if req.logprobs else None  # alternatives per token; None: no scores
+        scoring = {} if top_n is None else {"logprobs": top_n}
         jobs = [(prompt, req.sampling(j, stops)) for j in range(req.n)]
         streams = self._submit(jobs, req.ignore_eos, "max_tokens", streamed=req.stream, **scoring)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
@@ -132,11 +127,11 @@ class Serving:
             if outs is None:
                 return Response(status_code=499)
             choices = [{"index": i, "message": {"role": "assistant", "content": AssistantText()(o.text)},
-                        "logprobs": chat_logprobs(o.logprobs, req.top_logprobs or 0) if req.logprobs else None,
+                        "logprobs": None if top_n is None else chat_logprobs(o.logprobs, top_n),
                         "finish_reason": streams[i].finish_reason} for i, o in enumerate(outs)]
             return {**head, "choices": choices, "usage": _usage(streams, req.n)}
         head["object"] = "chat.completion.chunk"
-        payloads = _chat_events(streams, head, (req.top_logprobs or 0) if req.logprobs else None)
+        payloads = _chat_events(streams, head, top_n)
         return await self._stream(streams, payloads, head if _wants_usage(req) else None, req.n, started)
 
     async def tokenize(self, request: Request) -> dict:
@@ -161,6 +156,12 @@ class Serving:
             raise InvalidRequestError("echo of token-id prompts needs a tokenizer, which this server "
                                       "does not have (upstream mode): send the prompt as text", param="echo")
         return self.client.tokenizer.decode(prompt)
+
+    def _check_count(self, completions: int) -> None:
+        cap = self.client.max_batch_size
+        if completions > cap:
+            raise InvalidRequestError(f"the request asks for {completions} completions (prompts x n); this "
+                                      f"server generates at most {cap} per request", param="n")
 
     def _submit(self, jobs: list[Job], ignore_eos: bool, max_tokens_name: str, streamed: bool,
                 **scoring) -> list[CompletionStream]:
@@ -197,8 +198,8 @@ class Serving:
     async def _stream(self, streams: list[CompletionStream], payloads: AsyncIterator[dict], usage_head: dict | None,
                       n: int, started: float) -> StreamingResponse:
         """`payloads` as server-sent events, then usage (when `usage_head` is given) and `[DONE]`."""
-        try:
-            await _opened(streams)  # an upstream's refusal is our 4xx, not an event after a 200
+        try:  # an upstream's refusal is our 4xx, not an event after a 200
+            await asyncio.gather(*(s.opened() for s in streams))
         except BaseException:
             _cancel(streams)
             raise
@@ -328,10 +329,6 @@ def _cancel(streams: Sequence[CompletionStream]) -> None:
     for s in streams:
         if s.finish_reason is None:
             s.cancel()
-
-
-async def _opened(streams: Sequence[CompletionStream]) -> None:
-    await asyncio.gather(*(s.opened() for s in streams))
 
 
 async def merge(streams: Sequence[CompletionStream]) -> AsyncIterator[tuple[int, Any]]:

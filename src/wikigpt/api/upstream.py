@@ -39,9 +39,9 @@ import httpx
 
 from ..errors import (NotReadyError, OverloadedError, ShuttingDownError, UpstreamError, UpstreamRejectedError,
                       UpstreamTimeoutError, WikigptError)
-from ..textfilter import ContinuationFilter
 from ..outputs import Backlog, Chunk, ChunkStream
 from ..settings import SamplingParams, ServeSettings
+from ..textfilter import ContinuationFilter
 from .logprobs import from_openai, split_echo
 
 log = logging.getLogger("wikigpt.upstream")
@@ -57,6 +57,7 @@ class UpstreamModel:
 
 
 class UpstreamClient:
+    forwards = True
     def __init__(self, settings: ServeSettings) -> None:
         self.url = settings.upstream
         self.headers = {"Authorization": f"Bearer {settings.upstream_api_key}"} if settings.upstream_api_key else {}

@@ -27,12 +27,12 @@ import torch
 
 from ..errors import EngineError, InvalidRequestError, OverloadedError, ShuttingDownError
 from ..modeling import LoadedModel, serving_dtype
+from ..outputs import Backlog
 from ..settings import SamplingParams
 from .gpt2 import GPT2Forward, padded_head, unsupported_reason
 from .hf import HFForward
 from .kernels import Kernels, choose_kernels
 from .kv_cache import SlotKVCache
-from ..outputs import Backlog
 from .output import Chunk, RequestOutput, token_logprobs
 from .request import Request, RequestStream, deliver
 from .sampling import RowSampling, sample
@@ -84,6 +84,7 @@ class Engine:
         self.on_step = on_step
         self.ready = threading.Event()
         self.not_ready_reason = "the model is still loading"
+        self.root, self.forwards = lm.name, False
         self.tokens_generated = 0
         self.steps = 0
         self.forward: GPT2Forward | HFForward | None = None  # built by the worker (start-up probe)
@@ -123,8 +124,7 @@ class Engine:
         return ids, self._encoder.convert_ids_to_tokens(ids) if with_strings else None
 
     async def detokenize(self, ids: list[int]) -> str:
-        if bad := [t for t in ids if not 0 <= t < self.vocab_size]:
-            raise InvalidRequestError(f"token ids must be in [0, {self.vocab_size}); got {bad[0]}", param="tokens")
+        self._check_ids(ids, "tokens")
         return self._encoder.decode(ids)
 
     def submit(self, prompt: str | list[int], params: SamplingParams, *, ignore_eos: bool = False,
@@ -162,8 +162,7 @@ class Engine:
     def _check(self, ids: list[int], params: SamplingParams, max_tokens_name: str) -> None:
         if not ids:
             raise InvalidRequestError("the prompt is empty: send at least one token of text", param="prompt")
-        if any(not 0 <= t < self.vocab_size for t in ids):
-            raise InvalidRequestError(f"token ids must be in [0, {self.vocab_size})", param="prompt")
+        self._check_ids(ids, "prompt")
         n, ctx = len(ids), self.context_length
         if n + params.max_new_tokens > ctx:
             fixes = []
@@ -175,6 +174,10 @@ class Engine:
                 f"the prompt has {n} tokens and {max_tokens_name} is {params.max_new_tokens}: together "
                 f"they exceed the model's context of {ctx} tokens; " + (" or ".join(fixes) or "shorten the prompt"),
                 param="prompt")
+
+    def _check_ids(self, ids: list[int], param: str) -> None:
+        if bad := [t for t in ids if not 0 <= t < self.vocab_size]:
+            raise InvalidRequestError(f"token ids must be in [0, {self.vocab_size}); got {bad[0]}", param=param)
 
     def _wake(self) -> None:
         with self._cond:
