@@ -406,8 +406,8 @@ def run_eval(run: Run, limit: int | None) -> dict | None:
     rec = {"step": step, "val_loss": round(loss, 5), "val_ppl": round(math.exp(min(loss, 50)), 3),
            "val_tokens": min(len(run.val_tokens) - 1, limit or len(run.val_tokens))}
     run.log(f"step {step}: validation loss {loss:.4f}, perplexity {rec['val_ppl']:,.2f}")
-    if s.report_to != "none":
-        run.accelerator.log({"val/loss": loss, "val/perplexity": math.exp(min(loss, 50))}, step=step)
+    # to the --report-to dashboard; accelerate's log does nothing without one
+    run.accelerator.log({"val/loss": loss, "val/perplexity": math.exp(min(loss, 50))}, step=step)
     return rec
 
 
@@ -497,9 +497,8 @@ def _log_step(run: Run, bar, metrics, loss: float, grad_norm: float, dt: float) 
                                   "grad_norm": round(grad_norm, 4), "tokens_per_s": round(tok_s, 1),
                                   "time": round(run.progress.train_seconds, 3)}) + "\n")
         metrics.flush()
-    if run.s.report_to != "none":
-        run.accelerator.log({"train/loss": loss, "train/learning_rate": lr, "train/grad_norm": grad_norm,
-                             "train/tokens_per_s": tok_s}, step=run.progress.step)
+    run.accelerator.log({"train/loss": loss, "train/learning_rate": lr, "train/grad_norm": grad_norm,
+                         "train/tokens_per_s": tok_s}, step=run.progress.step)
 
 
 def finish(run: Run, reason: str) -> dict:
