@@ -25,6 +25,7 @@ import random
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -156,17 +157,11 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="soak-bench-"))
     model = args.model or str(small_model(work / "small"))
-    with ServerProcess(["--model", model], work / "server.log") as backend:
-        target = backend
-        gateway = None
+    with ExitStack() as stack:
+        target = stack.enter_context(ServerProcess(["--model", model], work / "server.log"))
         if args.gateway:
-            gateway = ServerProcess(["--upstream", backend.url], work / "gateway.log").__enter__()
-            target = gateway
-        try:
-            soak(target, args)
-        finally:
-            if gateway is not None:
-                gateway.__exit__(None, None, None)
+            target = stack.enter_context(ServerProcess(["--upstream", target.url], work / "gateway.log"))
+        soak(target, args)
     print(f"logs: {work}")
 
 
