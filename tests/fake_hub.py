@@ -18,8 +18,11 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 class FakeHub:
-    def __init__(self, repo_id: str, folder: Path) -> None:
-        self.repo_id, self.folder = repo_id, Path(folder)
+    """`commits`: the repository's history, newest first (the head of 'main' first); every
+    commit holds the same files, and a download names the commit it was served from."""
+
+    def __init__(self, repo_id: str, folder: Path, commits: tuple[str, ...] = (COMMIT,)) -> None:
+        self.repo_id, self.folder, self.commits = repo_id, Path(folder), list(commits)
         self.requests: list[str] = []
         hub = self
 
@@ -69,6 +72,10 @@ class FakeHub:
             if not rest.startswith(self.repo_id):
                 return self._error(h, 401, "RepositoryNotFound", body)
             tail = rest[len(self.repo_id):].strip("/")
+            if tail.startswith("commits/"):
+                items = [{"id": c, "authors": [{"user": "someone"}], "date": "2022-06-01T00:00:00.000Z",
+                          "title": f"commit {i}", "message": ""} for i, c in enumerate(self.commits)]
+                return self._send(h, 200, json.dumps(items).encode(), {"Content-Type": "application/json"}, body)
             if tail.startswith("tree/"):
                 sub = tail.split("/", 2)[2] if tail.count("/") >= 2 else ""
                 items = [
@@ -79,17 +86,20 @@ class FakeHub:
                 if sub and not items:
                     return self._error(h, 404, "EntryNotFound", body)
                 return self._send(h, 200, json.dumps(items).encode(), {"Content-Type": "application/json"}, body)
-            info = {"id": self.repo_id, "modelId": self.repo_id, "sha": COMMIT, "private": False,
+            info = {"id": self.repo_id, "modelId": self.repo_id, "sha": self.commits[0], "private": False,
                     "siblings": [{"rfilename": str(p.relative_to(self.folder))} for p in self._files()]}
             return self._send(h, 200, json.dumps(info).encode(), {"Content-Type": "application/json"}, body)
         prefix = f"/{self.repo_id}/resolve/"
         if not path.startswith(prefix):
             return self._error(h, 401, "RepositoryNotFound", body)
-        filename = path[len(prefix):].split("/", 1)[1]
+        revision, filename = path[len(prefix):].split("/", 1)
+        if revision != "main" and revision not in self.commits:
+            return self._error(h, 404, "RevisionNotFound", body)
         target = self.folder / filename
         if not target.is_file():
             return self._error(h, 404, "EntryNotFound", body)
         data = target.read_bytes()
         etag = hashlib.sha256(data).hexdigest()
-        self._send(h, 200, data, {"X-Repo-Commit": COMMIT, "ETag": f'"{etag}"',
+        commit = self.commits[0] if revision == "main" else revision
+        self._send(h, 200, data, {"X-Repo-Commit": commit, "ETag": f'"{etag}"',
                                   "Content-Type": "application/octet-stream"}, body)

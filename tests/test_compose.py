@@ -312,7 +312,7 @@ def test_compose_files_defaults_and_gpu_variant():
     cfg = yaml.safe_load(sh(*compose, "-f", "docker-compose.yml", "config", env=env).stdout)["services"]
     backend, ui = cfg["backend"], cfg["ui"]
     assert backend["ports"] == ["127.0.0.1:5000:5000/tcp"] and ui["ports"] == ["127.0.0.1:8501:8501/tcp"]
-    assert backend["environment"]["WIKIGPT_MODEL"] == "distilbert/distilgpt2"
+    assert backend["environment"]["WIKIGPT_MODEL"] == "neulab/distilgpt2-finetuned-wikitext103"
     assert backend["build"]["args"] == {"BASE_IMAGE": "python:3.12-slim",
                                         "TORCH_INDEX": "https://download.pytorch.org/whl/cpu"}
     assert "hf-cache:/cache/huggingface:rw" in backend["volumes"]

@@ -7,7 +7,7 @@ import torch
 
 from wikigpt.errors import ConfigError, ModelNotFoundError
 from wikigpt.modeling import load_model, resolve_device, resolve_dtype, save_model
-from wikigpt.settings import ModelSettings, SamplingParams
+from wikigpt.settings import DEFAULT_MODEL, PINNED_REVISIONS, ModelSettings, SamplingParams
 
 from .fake_hub import FakeHub
 
@@ -93,3 +93,73 @@ def test_hub_download_through_the_real_client(tiny_model_dir, tmp_path):
     assert _cli(["generate", "x", "--model", "fake-org/tiny-gpt2", "--max-new-tokens", "2"], offline).returncode == 0
     gone = _cli(["generate", "x", "--model", "distilbert/distilgpt2"], offline)
     assert gone.returncode == 2 and "could not be reached" in gone.stderr and "Traceback" not in gone.stderr
+
+
+PINNED_FULL = PINNED_REVISIONS[DEFAULT_MODEL] + "0" * (40 - len(PINNED_REVISIONS[DEFAULT_MODEL]))
+
+
+def _pickle_repo(tmp_path, tiny_model_dir, weights: bytes | None = None):
+    """A repository shaped like the default model's: config, tokenizer, and pytorch_model.bin
+    as its only weights (no safetensors)."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for f in tiny_model_dir.iterdir():
+        if f.is_file() and f.suffix != ".safetensors":
+            (repo / f.name).write_bytes(f.read_bytes())
+    if weights is None:
+        from safetensors.torch import load_file
+        torch.save(load_file(tiny_model_dir / "model.safetensors"), repo / "pytorch_model.bin")
+    else:
+        (repo / "pytorch_model.bin").write_bytes(weights)
+    return repo
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_default_model_is_the_pinned_fine_tune(tiny_model_dir, tmp_path):
+    """Without --model, the fine-tuned model is fetched at its pinned commit (the short id
+    resolved through the repository's history), never at the head of main; its pickle weights
+    load through the weights-only unpickler; offline, the cached pinned snapshot serves."""
+    repo = _pickle_repo(tmp_path, tiny_model_dir)
+    history = ("f" * 40, PINNED_FULL, "a" * 40)  # a newer head, the pinned commit, an older one
+    with FakeHub(DEFAULT_MODEL, repo, commits=history) as hub:
+        env = {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf")}
+        ok = _cli(["generate", "Data science is", "--seed", "1", "--max-new-tokens", "4"], env)
+        assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.startswith("Data science is")
+    downloads = [r for r in hub.requests if "/resolve/" in r]
+    assert any(f"/resolve/{PINNED_FULL}/pytorch_model.bin" in r for r in downloads)
+    assert all(f"/resolve/{PINNED_FULL}/" in r for r in downloads), downloads
+    offline = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    assert _cli(["generate", "x", "--max-new-tokens", "2"], offline).returncode == 0
+    empty = _cli(["generate", "x"], {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty")})
+    assert empty.returncode == 2 and "Traceback" not in empty.stderr
+    assert DEFAULT_MODEL in empty.stderr and "could not be reached" in empty.stderr
+    assert "--model ./" in empty.stderr  # how to use a local model instead
+
+
+def test_a_malicious_pickle_is_refused(tiny_model_dir, tmp_path):
+    import pickle
+
+    marker = tmp_path / "pwned"
+    repo = _pickle_repo(tmp_path, tiny_model_dir, weights=pickle.dumps({"h.0": _Exploit(marker)}))
+    with FakeHub(DEFAULT_MODEL, repo, commits=(PINNED_FULL,)) as hub:
+        env = {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf")}
+        bad = _cli(["generate", "x", "--max-new-tokens", "2"], env)
+    assert any("pytorch_model.bin" in r for r in hub.requests)  # it was fetched, and refused
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
+    assert "pickled objects are never loaded" in bad.stderr and DEFAULT_MODEL in bad.stderr
+    assert not marker.exists()
+
+
+def test_a_short_revision_not_in_the_history_is_a_clear_error(tiny_model_dir, tmp_path):
+    with FakeHub("fake-org/tiny-gpt2", tiny_model_dir, commits=("b" * 40,)) as hub:
+        env = {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf")}
+        r = _cli(["generate", "x", "--model", "fake-org/tiny-gpt2", "--revision", "cc0607f"], env)
+    assert r.returncode == 2 and "commit cc0607f is not in its history" in r.stderr

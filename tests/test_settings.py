@@ -7,6 +7,7 @@ from pydantic import BaseModel, ValidationError
 
 from wikigpt.errors import ConfigError
 from wikigpt.settings import (
+    BASE_MODEL, DEFAULT_MODEL,
     EvalSettings, ModelSettings, SamplingParams, TrainSettings, build, describe_validation_error, field_path,
 )
 
@@ -40,7 +41,9 @@ def test_model_fields_are_declared_once_and_validated_everywhere():
     for cls in (ModelSettings, TrainSettings, EvalSettings):
         with pytest.raises(ValidationError, match="must be one of auto, cpu, cuda, cuda:N, mps"):
             cls(device="tpu")
-    assert TrainSettings.model_fields["model"].description == ModelSettings.model_fields["model"].description
+    assert TrainSettings.model_fields["revision"].description == ModelSettings.model_fields["revision"].description
+    # Serving defaults to the fine-tuned model; training fine-tunes the base one.
+    assert ModelSettings().model == DEFAULT_MODEL != TrainSettings().model == BASE_MODEL
     assert EvalSettings.model_fields["cache_dir"].description == TrainSettings.model_fields["cache_dir"].description
 
 

@@ -1,8 +1,11 @@
 """Loading and saving models: the only module that reads or writes model files.
 
-A model is a Hugging Face Hub id or a local directory holding a GPT-2-family causal LM with
-safetensors weights (`use_safetensors=True`: pickle checkpoints are never loaded) and its
-tokenizer. Every failure to find or read one becomes a ModelNotFoundError that names the model
+A model is a Hugging Face Hub id or a local directory holding a GPT-2-family causal LM and its
+tokenizer. A local directory must hold safetensors weights (what `save_model` writes). A Hub
+repository is read at its pinned commit (settings.PINNED_REVISIONS) unless --revision says
+otherwise; its safetensors weights where it has them, else its `pytorch_model.bin` through
+torch's weights-only unpickler, which rebuilds tensors and refuses any other object (no code
+runs), never a plain pickle. Every failure to find or read one becomes a ModelNotFoundError that names the model
 and says how to fix it; the CLI turns it into exit code 2.
 """
 
@@ -11,6 +14,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import pickle
+import re
 import shutil
 import tempfile
 import time
@@ -23,7 +28,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from .errors import ConfigError, ModelNotFoundError
-from .settings import ModelSettings, SamplingParams
+from .settings import PINNED_REVISIONS, ModelSettings, SamplingParams
+
+# transformers, given a Hub repository with only pickle weights, starts a thread that asks the
+# Hub's converter bot to open a pull request on that repository, with the user's token. Loading
+# a model must not write to anyone's repository.
+os.environ.setdefault("DISABLE_SAFETENSORS_CONVERSION", "1")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -166,12 +176,54 @@ def _reason(exc: BaseException) -> str:
     return (lines[0] if lines else type(exc).__name__).rstrip(".:")
 
 
+def resolve_revision(name: str, revision: str | None) -> str | None:
+    """The revision to read Hub model `name` at: `revision`, else its pinned commit, else None
+    (the head of 'main'). A short commit id (as the Hub's pages show them) becomes the full one,
+    which is what huggingface_hub names cached snapshots by: from the repository's history when
+    the Hub is reachable, from the cached snapshots when it is not."""
+    revision = revision or PINNED_REVISIONS.get(name)
+    if revision is None or not re.fullmatch(r"[0-9a-f]{7,39}", revision):
+        return revision  # a branch, a tag or a full commit id
+    from huggingface_hub import HfApi, constants
+
+    try:
+        commits = [c.commit_id for c in HfApi().list_repo_commits(name)]
+    except Exception:  # offline, or the Hub unreachable: what was downloaded before
+        folder = Path(constants.HF_HUB_CACHE) / f"models--{name.replace('/', '--')}" / "snapshots"
+        commits = [p.name for p in folder.glob(f"{revision}*")] if folder.is_dir() else []
+        if not commits:
+            raise _not_found(name, f"the Hugging Face Hub could not be reached and commit {revision} "
+                                   "is not in the local cache") from None
+    full = [c for c in commits if c.startswith(revision)]
+    if len(full) != 1:
+        raise _not_found(name, f"commit {revision} is {'ambiguous' if full else 'not in its history'}")
+    return full[0]
+
+
+def _hub_weights_format(name: str, revision: str | None) -> bool:
+    """True to load safetensors, False for `pytorch_model.bin` (weights-only): whichever the
+    repository holds at `revision`, safetensors first; offline, whichever the cache holds."""
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+
+    def cached(filename: str) -> bool:
+        return isinstance(try_to_load_from_cache(name, filename, revision=revision), str)
+
+    if constants.HF_HUB_OFFLINE:
+        files = [f for f in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin") if cached(f)]
+    else:
+        files = HfApi().list_repo_files(name, revision=revision)
+    return any(f.endswith((".safetensors", ".safetensors.index.json")) for f in files) or \
+        not any(f.endswith(".bin") for f in files)
+
+
 def load_model(settings: ModelSettings) -> LoadedModel:
     """Load model and tokenizer, ready for batched generation (pad = EOS, left padding)."""
     name = settings.model
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     source: str = name
+    revision = settings.revision
+    safetensors = True
     if _looks_like_path(name):
         path = Path(name).expanduser()
         if not path.is_dir():
@@ -187,10 +239,18 @@ def load_model(settings: ModelSettings) -> LoadedModel:
             )
         source = str(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=settings.revision)
+        if not _looks_like_path(name):
+            revision = resolve_revision(name, revision)
+            safetensors = _hub_weights_format(name, revision)
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
         model = AutoModelForCausalLM.from_pretrained(
-            source, revision=settings.revision, dtype=dtype, use_safetensors=True
+            source, revision=revision, dtype=dtype, use_safetensors=safetensors, weights_only=True
         )
+    except ModelNotFoundError:
+        raise
+    except pickle.UnpicklingError as exc:  # torch's weights-only unpickler refused an object
+        raise _not_found(name, "its pytorch_model.bin holds more than tensors, and pickled objects are "
+                               f"never loaded ({str(exc).splitlines()[0][:200]})") from None
     except (OSError, ValueError) as exc:
         # transformers wraps every Hub failure (repository not found, offline mode with an
         # empty cache, a network error, no safetensors file) into OSError or ValueError.
@@ -278,8 +338,12 @@ def load_tokenizer(name: str, revision: str | None = None) -> PreTrainedTokenize
     if _looks_like_path(name) and not Path(name).expanduser().is_dir():
         raise _not_found(name, "no such directory")
     try:
-        tok = AutoTokenizer.from_pretrained(str(Path(name).expanduser()) if _looks_like_path(name) else name,
-                                            revision=revision)
+        if _looks_like_path(name):
+            tok = AutoTokenizer.from_pretrained(str(Path(name).expanduser()))
+        else:
+            tok = AutoTokenizer.from_pretrained(name, revision=resolve_revision(name, revision))
+    except ModelNotFoundError:
+        raise
     except (OSError, ValueError) as exc:
         raise _not_found(name, _reason(exc)) from None
     return _pad_with_eos(tok)

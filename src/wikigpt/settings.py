@@ -18,7 +18,17 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .errors import ConfigError
 
-DEFAULT_MODEL = "distilbert/distilgpt2"
+# What `wikigpt serve`, `ui`, `generate`, `evaluate`, `make run` and compose serve without --model:
+# DistilGPT2 fine-tuned on WikiText-103 by the authors of the RetoMaton paper (Alon et al.,
+# ICML 2022; their card reports perplexity 18.25 on WikiText-103 test, sliding window), at a
+# pinned commit so that every user gets the same weights.
+DEFAULT_MODEL = "neulab/distilgpt2-finetuned-wikitext103"
+# Training and tokenizing start from the base model: fine-tuning is what `wikigpt train` does.
+BASE_MODEL = "distilbert/distilgpt2"
+# Hub commits pinned per model id, used when --revision is not given. The Hub shows short ids;
+# modeling.resolve_revision turns one into the full commit id (from the repository's history
+# online, from the cached snapshots offline) before anything is downloaded.
+PINNED_REVISIONS = {DEFAULT_MODEL: "cc0607f"}
 
 
 class SamplingParams(BaseModel):
@@ -72,7 +82,8 @@ class _ModelChoice(_Settings):
     """Hugging Face Hub id (downloaded once into the HF cache) or a local model directory
     (safetensors weights)."""
     revision: str | None = None
-    """Hub branch, tag or commit of --model (Hub ids only)."""
+    """Hub branch, tag or commit of --model (Hub ids only); default: the head of 'main', except
+    for the default model, which is pinned to a commit."""
     device: str = "auto"
     """'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:N' or 'mps'. Training takes no
     ':N' (pick GPUs with CUDA_VISIBLE_DEVICES; under torchrun/accelerate launch each process
@@ -258,7 +269,7 @@ class DataSettings(_TextSource):
 class PrepareSettings(DataSettings):
     """Tokenize a data source into the cached token streams that training reads, with counts."""
 
-    model: str = DEFAULT_MODEL
+    model: str = BASE_MODEL
     """Model whose tokenizer to use when --tokenizer is not given (Hub id or local directory)."""
 
 
@@ -269,6 +280,9 @@ class TrainSettings(DataSettings, _ModelChoice):
     configs/ (--preset smoke|wikitext2-cpu|wikitext103-gpu|scratch-cpu) hold full-size runs.
     """
 
+    model: str = BASE_MODEL
+    """Model to fine-tune (Hub id or local directory with safetensors weights); with --init
+    scratch, whose tokenizer and architecture to use unless given."""
     init: Literal["pretrained", "scratch"] = "pretrained"
     """'pretrained' fine-tunes --model's weights; 'scratch' builds a model of the architecture in
     --architecture from random weights (nanoGPT-style), with --tokenizer's vocabulary."""
