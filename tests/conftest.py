@@ -24,6 +24,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Servers started by tests skip torch.compile's start-up measurement (tens of seconds per start
 # on 2 cores); the compiled kernels have their own tests in test_engine_forward.py.
 os.environ.setdefault("WIKIGPT_COMPILE", "false")
+# ... and serve full precision, so their outputs can be compared with transformers' own forward;
+# int8 serving has its own tests in test_quantize.py.
+os.environ.setdefault("WIKIGPT_QUANTIZATION", "none")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("WIKIGPT_SHARED", REPO.parent / "shared"))

@@ -126,6 +126,11 @@ class ServeSettings(ModelSettings):
     """Most sequences decoded together; more requests wait in the queue."""
     queue_size: int = Field(256, ge=0, le=100_000)
     """Most requests waiting for a batch slot; beyond it requests get 503 with Retry-After."""
+    quantization: Literal["auto", "none", "int8"] = "auto"
+    """Weights of the products: 'int8' (per-row int8, a quarter of float32's bytes per token;
+    CPU only), 'none' (--dtype's), or 'auto': int8 where one sequence's decoding step measures
+    faster with it at start-up (GPT-2-family models on a CPU), else none. `GET /` says which.
+    Its cost in perplexity: `wikigpt evaluate --quantization int8` (docs/engine.md#int8)."""
     compile: bool = True
     """Let the start-up measurement try torch.compile'd decoding kernels (one-sequence products,
     attention); needs a C++ compiler. The first start compiles for about a minute on 2 cores,

@@ -28,10 +28,12 @@ import torch
 from ..errors import EngineError, InvalidRequestError, OverloadedError, ShuttingDownError
 from ..modeling import LoadedModel, serving_dtype
 from ..outputs import Backlog
+from ..quantize import quantize_model
+from ..quantize import unavailable as quantize_unavailable
 from ..settings import SamplingParams
 from .gpt2 import GPT2Forward, padded_head, unsupported_reason
 from .hf import HFForward
-from .kernels import Kernels, choose_kernels
+from .kernels import Kernels, best_times, choose_kernels
 from .kv_cache import SlotKVCache
 from .output import Chunk, RequestOutput, token_logprobs
 from .request import Request, RequestStream, deliver
@@ -61,11 +63,15 @@ class Engine:
 
     def __init__(self, lm: LoadedModel, *, max_batch_size: int = 32, queue_size: int = 256,
                  dtype: torch.dtype | str | None = None, compile: bool = False, on_step=None,
-                 stream_backlog: int = 256) -> None:
+                 stream_backlog: int = 256, quantization: str = "none") -> None:
         self.lm = lm
         self.tokenizer = lm.tokenizer
         self.dtype = dtype or lm.dtype  # "auto" is settled by the worker, in _build
         self.compile = compile
+        if quantization not in {"auto", "none", "int8"}:
+            raise ValueError(f"quantization must be auto, none or int8, not {quantization!r}")
+        self.quantization = quantization  # "auto" is settled by the worker, in _build
+        self.int8_timing: str | None = None  # what the "auto" measurement found
         # The Rust decoder directly: transformers' decode wrapper costs ~3x more per call. Its
         # only extra, space clean-up, is off for GPT-2; keep the wrapper where it is on.
         backend = getattr(lm.tokenizer, "backend_tokenizer", None)
@@ -112,8 +118,11 @@ class Engine:
         if isinstance(self.forward, GPT2Forward):
             kernels = self.kernels.describe() + ("; one sequence alone: the blocks as chained compiled graphs"
                                                  if self.forward.one_row is not None else "")
+        if kernels and self.int8_timing:
+            kernels += f"; {self.int8_timing}"
         return {"dtype": str(self.dtype).removeprefix("torch."), "device": str(self.lm.device),
-                "forward": type(self.forward).__name__ if self.forward else None, "kernels": kernels}
+                "quantization": self.quantization, "forward": type(self.forward).__name__ if self.forward else None,
+                "kernels": kernels}
 
     def encode(self, text: str) -> list[int]:
         return self._encoder.encode(text)
@@ -217,10 +226,17 @@ class Engine:
             cache = SlotKVCache(model.config.n_layer, slots, model.config.n_head, self.context_length,
                                 model.config.n_embd // model.config.n_head, self.dtype, self.lm.device)
             self.forward = GPT2Forward(model, cache, self.dtype, self.kernels)
+            if self.quantization != "none":
+                self._choose_int8(model, cache)
         else:
             log.info("transformers forward (%s)", reason)
-            if self.dtype != self.lm.dtype:
+            if self.quantization == "int8":  # asked for: every linear layer int8, activations float32
+                self._require_int8()
+                self.dtype = torch.float32
+                model = quantize_model(copy.deepcopy(model).float().eval())
+            elif self.dtype != self.lm.dtype:
                 model = copy.deepcopy(model).to(self.dtype).eval()
+            self.quantization = "int8" if self.quantization == "int8" else "none"  # auto: not measured here
             self.forward = HFForward(model, slots, self.pad_id)
         self._history = torch.zeros(slots, self.context_length, dtype=torch.long, device=self.lm.device)
         slot = self.forward.allocate()
@@ -228,6 +244,39 @@ class Engine:
         self.forward.decode([slot], torch.tensor([self.eos_id], device=self.lm.device))
         self.forward.release([slot])
         log.info("engine: %s", self.info())
+
+    def _require_int8(self) -> None:
+        why = "int8 weights run on CPUs only" if self.lm.device.type != "cpu" else quantize_unavailable()
+        if why:
+            raise EngineError(f"--quantization int8 cannot be served here: {why}")
+
+    def _choose_int8(self, model, cache: SlotKVCache) -> None:
+        """Serve int8 weights (quantize.py) if asked to, or with "auto" where one sequence's
+        decoding step is faster with them, both forwards timed on this CPU side by side. One
+        sequence is what a chat or the web UI runs, and where the bytes per token decide."""
+        if self.quantization == "auto" and (self.lm.device.type != "cpu" or quantize_unavailable()):
+            log.info("int8 weights not tried: %s", quantize_unavailable() or "not a CPU")
+            self.quantization = "none"
+            return
+        self._require_int8()
+        kernels = Kernels(int8=True, attention=self.kernels.attention)
+        int8 = GPT2Forward(model, cache, self.dtype, kernels)
+        if self.quantization == "auto":
+            slot = cache.allocate()
+            try:
+                int8.prefill([slot], [[self.eos_id] * 4])
+                token = torch.tensor([self.eos_id], device=self.lm.device)
+                full_s, int8_s = best_times(lambda: self.forward.decode([slot], token),
+                                             lambda: int8.decode([slot], token), seconds=1.0)
+            finally:
+                cache.release(slot)
+            self.int8_timing = (f"one sequence's step: int8 {int8_s * 1e3:.2f} ms, "
+                                f"{str(self.dtype).removeprefix('torch.')} {full_s * 1e3:.2f} ms")
+            log.info("%s", self.int8_timing)
+            if full_s <= int8_s:
+                self.quantization = "none"
+                return
+        self.forward, self.kernels, self.quantization = int8, kernels, "int8"
 
     # ---- worker side --------------------------------------------------------------------
     def _run(self) -> None:

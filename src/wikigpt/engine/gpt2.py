@@ -62,6 +62,8 @@ class _Block:
             return sd[prefix + name].to(dtype)
 
         def conv1d(name):  # transformers' Conv1D stores [in, out]; F.linear wants [out, in]
+            if kernels.int8:  # quantized from the checkpoint's own values, not a bf16 rounding of them
+                return Linear(sd[prefix + name + ".weight"].t(), sd[prefix + name + ".bias"], kernels)
             return Linear(w(name + ".weight").t().contiguous(), w(name + ".bias"), kernels)
 
         self.ln1 = (w("ln_1.weight"), w("ln_1.bias"))
@@ -86,9 +88,9 @@ class GPT2Forward:
         self.wpe = sd["transformer.wpe.weight"].to(dtype)
         self.blocks = [_Block(sd, f"transformer.h.{i}.", dtype, kernels) for i in range(cfg.n_layer)]
         self.ln_f = (sd["transformer.ln_f.weight"].to(dtype), sd["transformer.ln_f.bias"].to(dtype))
-        head = sd.get("lm_head.weight", sd["transformer.wte.weight"]).to(dtype)
+        head = sd.get("lm_head.weight", sd["transformer.wte.weight"])
         self.vocab = head.shape[0]
-        self.head = Linear(padded_head(head), None, kernels, float_rows=True)
+        self.head = Linear(head if kernels.int8 else padded_head(head.to(dtype)), None, kernels, float_rows=True)
         self.one_row = None
         if kernels.compiled_gemv:
             try:

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch.fx.experimental import _config as fx_config
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from ..quantize import Int8Weight
+
 log = logging.getLogger("wikigpt.engine")
 
 
@@ -93,6 +95,7 @@ class Kernels:
 
     compiled_gemv: bool = False  # one-row products by the compiled _gemv, else F.linear
     packed: bool = False  # oneDNN-blocked weights for many-row products
+    int8: bool = False  # every product with int8 weights (quantize.py), at any row count
     attention: Callable = sdpa_decode_attention  # or an Attention with compiled kernels
     _gemvs: dict = field(default_factory=dict, repr=False)  # (shape, dtypes, bias?) -> compiled
 
@@ -110,6 +113,8 @@ class Kernels:
         att = self.attention
         att = (f"{att.describe(att.one)} (1 row), {att.describe(att.many)} (more)"
                if isinstance(att, Attention) else "SDPA")
+        if self.int8:
+            return f"products: int8 weights, per-row scales (FBGEMM dynamic quantized linear); attention: {att}"
         return (f"one row: {'compiled GEMV' if self.compiled_gemv else 'F.linear'}; "
                 f"many rows: {'oneDNN packed weights' if self.packed else 'F.linear'}; attention: {att}")
 
@@ -141,6 +146,11 @@ class Linear:
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernels: Kernels,
                  float_rows: bool = False) -> None:
+        self.int8 = Int8Weight(weight, bias) if kernels.int8 else None
+        self.float_rows = float_rows
+        if self.int8 is not None:  # the int8 copy is all that is read
+            self.weight, self.bias, self.gemv, self.packed = None, None, None, None
+            return
         self.weight, self.bias = weight.contiguous(), bias
         self.gemv = kernels.gemv(self.weight, bias, torch.float32 if float_rows else None)
         self.packed = _pack(self.weight) if kernels.packed else None
@@ -148,6 +158,9 @@ class Linear:
             self.weight = None  # only the packed copy is read: do not keep two
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int8 is not None:  # FBGEMM keeps no per-shape state: no tiling needed
+            y = self.int8(x)
+            return y if self.float_rows else y.to(x.dtype)
         rows = x.shape[0]
         if rows == 1 and self.gemv is not None:
             return self.gemv(x, self.weight, self.bias)
@@ -176,7 +189,7 @@ def _pack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight, 32)
 
 
-def _best_times(*fns: Callable[[], torch.Tensor], seconds: float = 0.6, runs: int = 20) -> list[float]:
+def best_times(*fns: Callable[[], torch.Tensor], seconds: float = 0.6, runs: int = 20) -> list[float]:
     """Best time of each candidate, the calls interleaved (a, b, a, b, ...) so that a burst
     of load from elsewhere on the machine slows both alike instead of deciding the choice."""
     for fn in fns:
@@ -218,7 +231,7 @@ def choose_kernels(weight: torch.Tensor, *, compile: bool, batch: int = 32, head
             packed = _pack(weight)
             run = lambda: torch.ops.mkldnn._linear_pointwise(many, packed, None, "none", [], "")  # noqa: E731
             if _close(run(), F.linear(many, weight)):
-                t, plain = _best_times(run, lambda: F.linear(many, weight))
+                t, plain = best_times(run, lambda: F.linear(many, weight))
                 log.info("%d rows: oneDNN packed %.2f ms vs F.linear %.2f ms", batch, t * 1e3, plain * 1e3)
                 kernels.packed = t < plain
         except (RuntimeError, AttributeError) as exc:  # op missing in this torch build / dtype
@@ -231,7 +244,7 @@ def _gemv_pays(kernels: Kernels, weight: torch.Tensor, one: torch.Tensor) -> boo
     gemv = kernels.gemv(weight, None, torch.float32)  # as the LM head uses it
     if not _close(gemv(one, weight, None), F.linear(one, weight)):
         return False
-    t, plain = _best_times(lambda: gemv(one, weight, None), lambda: F.linear(one, weight))
+    t, plain = best_times(lambda: gemv(one, weight, None), lambda: F.linear(one, weight))
     log.info("one row: compiled GEMV %.2f ms vs F.linear %.2f ms", t * 1e3, plain * 1e3)
     return t < plain
 
@@ -269,7 +282,7 @@ def _choose_attention(dtype: torch.dtype, rows: int, heads: int, head_dim: int, 
         fn, args = _compile_attention(inputs, head_dim), (*inputs, head_dim ** -0.5)
         best = sdpa_decode_attention
         if _close(fn(*args), sdpa_decode_attention(*args)):
-            fast, slow = _best_times(lambda fn=fn, args=args: fn(*args),
+            fast, slow = best_times(lambda fn=fn, args=args: fn(*args),
                                      lambda args=args: sdpa_decode_attention(*args))
             log.info("attention, %d rows: compiled %.2f ms vs SDPA %.2f ms", n, fast * 1e3, slow * 1e3)
             best = fn if fast < slow else best

@@ -1,0 +1,115 @@
+"""Int8 weights: the products against a dequantized reference, the engine against an int8
+transformers forward, and what the server reports."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from wikigpt.engine import Engine
+from wikigpt.engine.gpt2 import GPT2Forward
+from wikigpt.engine.kernels import EXACT_ROWS, TILE_ROWS, Kernels, Linear
+from wikigpt.engine.kv_cache import SlotKVCache
+from wikigpt.generation import generate
+from wikigpt.quantize import Int8Linear, Int8Weight, quantize_model, unavailable
+from wikigpt.settings import SamplingParams
+
+pytestmark = pytest.mark.skipif(unavailable() is not None, reason=f"no int8 products here: {unavailable()}")
+
+# DistilGPT2's products (QKV, attention output, MLP in and out, LM head) and the tiny model's
+ENGINE_SHAPES = [(2304, 768), (768, 768), (3072, 768), (768, 3072), (50257, 768), (192, 64), (256, 64), (64, 256)]
+ROWS = [1, 2, 7, EXACT_ROWS, EXACT_ROWS + 1, 100, TILE_ROWS, TILE_ROWS + 44]  # decoding batches, prefills
+
+
+@pytest.mark.parametrize("out_features, in_features", ENGINE_SHAPES)
+def test_products_equal_the_dequantized_reference_at_every_engine_shape(out_features, in_features):
+    """Per-row scales (one row of outliers must not coarsen the others), the bias, and every row
+    count the engine runs: within the error of 8-bit activations, far below what a wrong layout,
+    scale or transpose would give."""
+    g = torch.Generator().manual_seed(out_features + in_features)
+    w = torch.randn(out_features, in_features, generator=g) * 0.02
+    w[0] *= 50  # an outlier row
+    b = torch.randn(out_features, generator=g)
+    q = Int8Weight(w, b)
+    w_ref, b_ref = q.dequantized()
+    assert (w_ref - w).abs().amax(1).le(w.abs().amax(1) / 127 / 2 * 1.01).all()  # half a step per row
+    for rows in ROWS:
+        x = torch.randn(rows, in_features, generator=g)
+        got, want = q(x), F.linear(x, w_ref, b_ref)
+        assert got.shape == (rows, out_features) and got.dtype == torch.float32
+        # 8-bit activations over a range of ~7 (normal x): a step of 7/255, an error of about
+        # 0.8 % of each output's size; 2 % allows for the range of small samples
+        err = float((got - want).norm() / want.norm())
+        assert err < 0.02, (rows, err)
+        assert (got - F.linear(x, w, b)).norm() / want.norm() < 0.025
+
+
+def test_activations_keep_8_bits_where_the_cpu_allows_and_never_saturate():
+    w = torch.full((16, 768), 0.5)
+    x = torch.full((1, 768), 3.0)
+    torch.testing.assert_close(Int8Weight(w)(x), x @ w.T, rtol=1e-2, atol=0)
+
+
+def test_int8_linear_replaces_conv1d_and_linear(tiny_lm):
+    model = quantize_model(copy.deepcopy(tiny_lm.model))
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert "Conv1D" not in kinds and "Linear" not in kinds and "Int8Linear" in kinds
+    block = tiny_lm.model.transformer.h[0].mlp.c_fc  # Conv1D: [in, out] weights
+    x = torch.randn(3, 5, block.weight.shape[0])
+    with torch.inference_mode():
+        torch.testing.assert_close(Int8Linear(block)(x), block(x), rtol=0.05, atol=0.05)
+
+
+def _int8_engine_and_reference(lm):
+    ref = dataclasses.replace(lm, model=quantize_model(copy.deepcopy(lm.model)))
+    return Engine(lm, max_batch_size=4, queue_size=8, quantization="int8").start(), ref
+
+
+def test_int8_engine_greedy_text_equals_an_int8_transformers_forward(tiny_lm):
+    """One sequence at a time (prefill, then one row per step, as the reference runs it): the
+    same products on the same rows, so the same tokens."""
+    engine, ref = _int8_engine_and_reference(tiny_lm)
+    try:
+        assert engine.ready.wait(120)
+        info = engine.info()
+        assert info["quantization"] == "int8" and "int8" in info["kernels"]
+        params = SamplingParams(max_new_tokens=24, temperature=0.0, repetition_penalty=1.0)
+        for prompt in ("Data science is", "The history of the Roman Empire covers"):
+            async def complete(prompt=prompt):
+                return await engine.submit(prompt, params).text()
+
+            got = asyncio.run(complete())
+            assert got == generate(ref, prompt, params)[len(prompt):]
+    finally:
+        engine.stop()
+
+
+def test_int8_forward_logits_stay_close_to_full_precision(tiny_lm):
+    cfg = tiny_lm.model.config
+    cache = SlotKVCache(cfg.n_layer, 2, cfg.n_head, cfg.n_positions, cfg.n_embd // cfg.n_head, torch.float32, "cpu")
+    full = GPT2Forward(tiny_lm.model, cache, torch.float32, Kernels())
+    int8 = GPT2Forward(tiny_lm.model, cache, torch.float32, Kernels(int8=True))
+    assert isinstance(int8.head, Linear) and int8.head.weight is None  # only the int8 copy is kept
+    ids = [[5, 6, 7, 8, 9, 10, 11]]
+    with torch.inference_mode():
+        a = full.prefill([0], ids)
+        b = int8.prefill([1], ids)
+    assert (a - b).abs().max() < 0.05 * a.abs().max()
+
+
+def test_auto_keeps_the_faster_forward_and_says_so(tiny_lm):
+    engine = Engine(tiny_lm, max_batch_size=2, queue_size=2, quantization="auto").start()
+    try:
+        assert engine.ready.wait(120)
+        info = engine.info()
+    finally:
+        engine.stop()
+    import re
+
+    int8_ms, full_ms = map(float, re.search(r"int8 ([\d.]+) ms, float32 ([\d.]+) ms", info["kernels"]).groups())
+    assert info["quantization"] == ("int8" if int8_ms < full_ms else "none")
