@@ -250,3 +250,19 @@ def test_full_test_split_counts_match_the_raw_file(shared_tokenizer_dir, wikitex
     raw = (wikitext_dir / "wiki.test.raw").read_text(encoding="utf-8")
     assert ids[0] == tok.eos_token_id and name == str(wikitext_dir)
     assert count_text(tok, ids.tolist()) == (len(raw.split()), len(raw.encode("utf-8")))
+
+
+def test_cli_measures_what_int8_costs(tiny_model_dir, tmp_path, text_file, capsys):
+    """--quantization both: a float32 and an int8 row per model, the int8 one computed with
+    the products serving uses (a different number, close to the float32 one)."""
+    model = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "eval_report.json").unlink(missing_ok=True)
+    rc, out, err = run_cli(capsys, "--model", model, "--test-file", text_file, "--cache-dir", tmp_path / "cache",
+                           "--no-progress", "--stride", 128, "--quantization", "both", "--json")
+    assert rc == 0, err
+    full, int8 = json.loads(out)
+    assert (full["model"], full["dtype"], int8["model"], int8["dtype"]) == (str(model), "float32", str(model), "int8")
+    assert int8["perplexity"] != full["perplexity"]
+    assert int8["perplexity"] == pytest.approx(full["perplexity"], rel=0.02)
+    assert read_eval_report(model)["latest"]["dtype"] == "float32"  # the model's own row stays full precision

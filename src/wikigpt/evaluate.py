@@ -25,6 +25,8 @@ ends, at most 2 of ~4,000 words per article (< 0.05 %).
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 import sys
@@ -302,10 +304,14 @@ def _tokenizer_key(lm: LoadedModel) -> str:
 def run(s: EvalSettings) -> int:
     """`wikigpt evaluate`: evaluate each --model on the same stream, print one table (or JSON)."""
     from .modeling import load_model
+    from .quantize import quantize_model
     from .settings import ModelSettings
 
-    dtype = _dtype_for(s)
+    # int8 products take float32 activations (quantize.py); a full-precision row beside an int8
+    # one is float32 too, so the two differ only by the weights' precision
+    dtype = "float32" if s.quantization != "none" else _dtype_for(s)
     settings = [ModelSettings(model=m, revision=s.revision, device=s.device, dtype=dtype) for m in s.model]
+    variants = {"none": [False], "int8": [True], "both": [False, True]}[s.quantization]
     # Check every model and the data before the first (possibly hour-long) evaluation starts,
     # so a typo in the last --model fails in seconds; one model is held in memory at a time.
     streams: dict[str, tuple[np.ndarray, str]] = {}  # tokenizer definition -> stream
@@ -323,16 +329,26 @@ def run(s: EvalSettings) -> int:
         preloaded = lm if len(settings) == 1 else None
         del lm
     results: list[EvalResult] = []
+    reported: list[str] = []  # the --model each result row belongs to
     for ms in settings:
-        lm = preloaded or load_model(ms)
-        ids, data_name = streams[_tokenizer_key(lm)]
-        results.append(evaluate_ids(
-            lm, ids, data=data_name, split=s.split, window=s.window, stride=s.stride, batch_size=s.batch_size,
-            max_tokens=s.max_tokens, progress=s.progress,
-        ))
-        del lm
+        for int8 in variants:
+            lm = preloaded if preloaded is not None and not (int8 and len(variants) > 1) else load_model(ms)
+            if int8:
+                if lm.device.type != "cpu":
+                    raise ConfigError("--quantization int8 runs on CPUs only (pass --device cpu)")
+                quantize_model(lm.model)
+            ids, data_name = streams[_tokenizer_key(lm)]
+            result = evaluate_ids(
+                lm, ids, data=data_name, split=s.split, window=s.window, stride=s.stride, batch_size=s.batch_size,
+                max_tokens=s.max_tokens, progress=s.progress,
+            )
+            results.append(dataclasses.replace(result, dtype="int8") if int8 else result)
+            reported.append(ms.model)
+            del lm
     if s.write_report:
-        for name, result in zip(s.model, results):
+        for name, result in zip(reported, results):
+            if len(variants) > 1 and result.dtype == "int8":
+                continue  # a model's report holds its full-precision row; the int8 one is among `others`
             if Path(name).expanduser().is_dir():
                 others = [r for r in results if r is not result]
                 path = write_eval_report(Path(name).expanduser(), result, others)

@@ -390,6 +390,10 @@ class EvalSettings(ModelSettings, _TextSource):
     table, e.g. --model distilbert/distilgpt2 --model runs/wikitext103-gpu/final."""
     split: Literal["test", "validation"] = "test"
     """Which split to score."""
+    quantization: Literal["none", "int8", "both"] = "none"
+    """'int8' evaluates the models with the int8 weights `wikigpt serve --quantization int8`
+    serves (CPU, float32 activations); 'both' gives each model a full-precision and an int8
+    row, so the table shows what int8 costs in perplexity."""
     stride: int | None = Field(None, ge=1)
     """Tokens the window moves each step; each window scores only its last `stride` tokens, so
     with GPT-2's 1024-token window and stride 512 every token is predicted from at least 512
