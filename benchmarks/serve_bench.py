@@ -1,13 +1,17 @@
-"""Serving benchmark: `wikigpt serve` against the original project's design and vLLM's CPU backend.
+"""Serving benchmark: `wikigpt serve` against the original project's design, llama.cpp's server and vLLM's CPU backend.
 
-    .venv/bin/python benchmarks/serve_bench.py --vllm-python .venv-vllm/bin/python   # all three
+    make llama-server vllm-venv     # the peers, once (~15 min of compiling for llama.cpp)
+    .venv/bin/python benchmarks/serve_bench.py --llama-cpp .llama.cpp --vllm-python .venv-vllm/bin/python
     .venv/bin/python benchmarks/serve_bench.py --concurrency 1,8 --max-tokens 16 --rounds 1   # smoke
 
 All servers load the same model: a DistilGPT2-shaped GPT-2 with random weights (speed does not
 depend on the weights), built from the shared config in a temp dir, or --model DIR. "seed-style"
 is the original's design: one process, one thread, one greedy fp32 `generate` per request,
 answering when the whole text is ready. wikigpt and vLLM get the same streaming client and the
-same request body (greedy, EOS ignored, so token counts match). Servers run one at a time, each
+same request body (greedy, EOS ignored, so token counts match). llama.cpp serves the same weights
+converted by its own `convert_hf_to_gguf.py` to q8_0 (int8 in blocks of 32 with a float16
+scale each), with as many slots as the top concurrency and one thread per core; vLLM runs in
+its best dtype here (bf16 only where this CPU's bf16 matmuls measure 1.5x float32 or more). Servers run one at a time, each
 level back to back, so the other servers' processes do not compete for the cores. The machine's
 memory bandwidth and bf16/fp32 matmul peaks are measured in the same run; the report gives
 wikigpt's batch-1 speed as a share of the weight-read limit (weight bytes per token / bandwidth)
@@ -157,15 +161,18 @@ def table(rows: list[dict], facts: dict, cfg: dict, prompt_len: float) -> str:
         r["gflops"] = r["tok_s"] * flops_per_token(cfg, ctx) / 1e9
         out.append(f"| {r['concurrency']} | {r['server']} | {r['requests']} | {r['tok_s']:.0f} | "
                    f"{r['p50']:.2f} s | {r['ttft_p50']:.2f} s | {ratio} | {r['gflops']:.1f} |")
-    dtype = facts["wikigpt_dtype"]
+    int8 = facts.get("wikigpt_quantization") == "int8"
+    dtype = "int8" if int8 else facts["wikigpt_dtype"]
     peak = facts["peak_bf16"] if dtype == "bfloat16" else facts["peak_fp32"]
-    limit = facts["bandwidth"] / weight_bytes_per_token(cfg, 2 if dtype == "bfloat16" else 4)
+    bytes_per_weight = 1 if int8 else 2 if dtype == "bfloat16" else 4
+    limit = facts["bandwidth"] / weight_bytes_per_token(cfg, bytes_per_weight)
     out.append(f"\nmeasured in this run (the higher of two measurements, before and after the servers): "
                f"memory read {facts['bandwidth'] / 1e9:.1f} GB/s; matmul peak bf16 "
                f"{facts['peak_bf16'] / 1e9:,.0f} GFLOP/s, fp32 {facts['peak_fp32'] / 1e9:,.0f} GFLOP/s. "
-               f"wikigpt serves {dtype} ({facts['wikigpt_kernels']}).")
+               f"wikigpt serves {dtype} weights ({facts['wikigpt_kernels']})."
+               + (f" vLLM serves {facts['vllm_dtype']}." if facts.get("vllm_dtype") else ""))
     if 1 in ours:
-        per_token = weight_bytes_per_token(cfg, 2 if dtype == "bfloat16" else 4)
+        per_token = weight_bytes_per_token(cfg, bytes_per_weight)
         out.append(f"batch 1: {ours[1]['tok_s']:.0f} tok/s = {ours[1]['tok_s'] / limit:.0%} of the {dtype} "
                    f"weight-read limit ({limit:.0f} tok/s = bandwidth / {per_token / 1e6:.0f} MB per token)")
         if "bandwidth_around" in ours[1]:
@@ -174,7 +181,7 @@ def table(rows: list[dict], facts: dict, cfg: dict, prompt_len: float) -> str:
                        f"{ours[1]['bandwidth_around'] / 1e9:.1f} GB/s): {ours[1]['tok_s'] / near:.0%} "
                        f"of {near:.0f} tok/s")
     top = max(ours) if ours else None
-    if top and top > 1:
+    if top and top > 1 and not int8:  # no int8 matmul peak is measured
         out.append(f"{top} clients: {ours[top]['gflops']:.0f} GFLOP/s = {ours[top]['gflops'] * 1e9 / peak:.0%} "
                    f"of the {dtype} matmul peak")
     return "\n".join(out)
@@ -186,15 +193,32 @@ def start_servers(kind: str, args, model_dir: Path, port: int, env: dict) -> sub
                "--max-tokens", str(args.max_tokens)]
     elif kind == "wikigpt":
         cmd = [sys.executable, "-m", "wikigpt.cli", "serve", "--model", str(model_dir), "--port", str(port),
-               "--max-batch-size", str(args.max_batch_size), "--log-level", "warning"]
+               "--max-batch-size", str(args.max_batch_size), "--log-level", "warning", *args.wikigpt_args.split()]
+    elif kind == "llama.cpp":  # -c is the whole cache, shared by the slots: 1,024 tokens each
+        slots = max(int(c) for c in args.concurrency.split(","))
+        cmd = [str(Path(args.llama_cpp) / "build" / "bin" / "llama-server"), "-m", str(gguf_q8_0(args, model_dir)),
+               "--host", "127.0.0.1", "--port", str(port), "-np", str(slots), "-c", str(slots * 1024),
+               "-t", str(os.cpu_count()), "--no-webui", *args.llama_args.split()]
     else:  # vLLM's OpenAI server, the recipe in the README (Scaling out)
         env = {**env, "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_NO_USAGE_STATS": "1"}
         cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-               "--dtype", "bfloat16", "--max-model-len", "1024", "--host", "127.0.0.1", "--port", str(port),
+               "--dtype", args.vllm_dtype, "--max-model-len", "1024", "--host", "127.0.0.1", "--port", str(port),
                "--max-num-seqs", str(args.max_batch_size)]
     log = open(Path(tempfile.gettempdir()) / f"serve_bench-{kind}.log", "w")  # noqa: SIM115
     print(f"{kind}: logging to {log.name}", file=sys.stderr, flush=True)
     return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def gguf_q8_0(args, model_dir: Path) -> Path:
+    """The model's weights in llama.cpp's q8_0, converted by llama.cpp's own converter (next to
+    the model directory, made once)."""
+    out = model_dir.parent / f"{model_dir.name}-q8_0.gguf"
+    if not out.exists():
+        src = Path(args.llama_cpp) / "src" / "vendor" / "llama.cpp"
+        subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(model_dir), "--outtype", "q8_0",
+                        "--outfile", str(out)], env={**os.environ, "PYTHONPATH": str(src / "gguf-py")},
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return out
 
 
 def machine_ceilings() -> dict:
@@ -212,6 +236,10 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request (EOS ignored)")
     ap.add_argument("--max-batch-size", type=int, default=32)
     ap.add_argument("--vllm-python", help="python of a vllm-cpu virtualenv (`make vllm-venv`): adds vLLM")
+    ap.add_argument("--llama-cpp", help="llama.cpp built by `make llama-server` (its LLAMA_DIR, .llama.cpp): "
+                                        "adds llama.cpp's server on q8_0 weights")
+    ap.add_argument("--llama-args", default="", help="extra llama-server flags, e.g. '--no-repack' (see docs/benchmarks.md)")
+    ap.add_argument("--wikigpt-args", default="", help="extra `wikigpt serve` flags, e.g. '--quantization none'")
     ap.add_argument("--skip-seed-style", action="store_true", help="leave out the original's design (slow)")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--baseline-server", action="store_true", help=argparse.SUPPRESS)
@@ -224,11 +252,15 @@ def main() -> None:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     levels = [int(c) for c in args.concurrency.split(",")]
-    kinds = ([] if args.skip_seed_style else ["seed-style"]) + ["wikigpt"] + (["vllm"] if args.vllm_python else [])
+    kinds = (([] if args.skip_seed_style else ["seed-style"]) + ["wikigpt"] + (["llama.cpp"] if args.llama_cpp else [])
+             + (["vllm"] if args.vllm_python else []))
     with tempfile.TemporaryDirectory(prefix="wikigpt-bench-") as tmp:
         model_dir = Path(args.model) if args.model else distilgpt2_shaped(Path(tmp) / "distilgpt2-random")
         cfg = json.loads((model_dir / "config.json").read_text())
         facts = machine_ceilings()
+        args.vllm_dtype = "bfloat16" if facts["peak_bf16"] >= 1.5 * facts["peak_fp32"] else "float32"
+        if args.vllm_python:
+            facts["vllm_dtype"] = args.vllm_dtype
         env = {k: v for k, v in os.environ.items() if k != "WIKIGPT_API_KEY"}
         rows = []
         for kind in kinds:
@@ -236,11 +268,11 @@ def main() -> None:
             url = f"http://127.0.0.1:{port}"
             proc = start_servers(kind, args, model_dir, port, env)
             try:  # a server that fails to start is reported; the others' rows still print
-                wait_ready(url, proc, path="/ready" if kind == "wikigpt" else ("/health" if kind == "vllm" else "/"),
-                           timeout=600)
+                wait_ready(url, proc, path={"wikigpt": "/ready", "seed-style": "/"}.get(kind, "/health"), timeout=600)
                 if kind == "wikigpt":
                     info = httpx.get(url + "/").json()
                     facts["wikigpt_dtype"], facts["wikigpt_kernels"] = info.get("dtype"), info.get("kernels")
+                    facts["wikigpt_quantization"] = info.get("quantization")
                 mode = "baseline" if kind == "seed-style" else "stream"
                 model = httpx.get(url + "/v1/models").json()["data"][0]["id"] if kind == "vllm" else None
                 asyncio.run(drive(url, mode, 1, 2, args.max_tokens, model))  # warm-up

@@ -113,3 +113,21 @@ def test_auto_keeps_the_faster_forward_and_says_so(tiny_lm):
 
     int8_ms, full_ms = map(float, re.search(r"int8 ([\d.]+) ms, float32 ([\d.]+) ms", info["kernels"]).groups())
     assert info["quantization"] == ("int8" if int8_ms < full_ms else "none")
+
+
+def test_the_server_and_a_gateway_in_front_say_int8_is_served(tiny_model_dir, tmp_path):
+    """`wikigpt serve --quantization int8` over real HTTP: `/` and `/v1/models` report it,
+    completions run on it, and a gateway in front passes the upstream's report on."""
+    import httpx
+
+    from benchmarks.common import ServerProcess
+
+    with ServerProcess(["--model", str(tiny_model_dir), "--quantization", "int8"], tmp_path / "up.log") as up, \
+            ServerProcess(["--upstream", up.url], tmp_path / "gw.log") as gw:
+        root = httpx.get(up.url + "/").json()
+        card = httpx.get(up.url + "/v1/models").json()["data"][0]
+        assert root["quantization"] == card["quantization"] == "int8" and "int8" in root["kernels"]
+        done = httpx.post(up.url + "/v1/completions", json={"prompt": "Data science is", "max_tokens": 4,
+                                                            "temperature": 0}).json()
+        assert done["usage"]["completion_tokens"] == 4
+        assert httpx.get(gw.url + "/").json()["quantization"] == "int8"

@@ -54,6 +54,7 @@ class UpstreamModel:
     n_params: int | None = None
     device: str = "upstream"
     dtype: str = ""
+    quantization: str | None = None  # as the upstream reports it (a wikigpt upstream does)
 
 
 class UpstreamClient:
@@ -90,7 +91,8 @@ class UpstreamClient:
         return self.in_flight
 
     def info(self) -> dict:
-        return {"upstream": self.url, "device": f"upstream {self.url}", "dtype": self.lm.dtype}
+        return {"upstream": self.url, "device": f"upstream {self.url}", "dtype": self.lm.dtype,
+                "quantization": self.lm.quantization}
 
     def start(self) -> UpstreamClient:
         """Call on the event loop (the app's lifespan does)."""
@@ -182,7 +184,7 @@ class UpstreamClient:
             self.down(f"the upstream {self.url} serves {ids or 'no model'}, not '{self.wanted}' (--model)")
             return
         self.lm.name, self.lm.dtype = card["id"], str(card.get("dtype") or "")
-        self.lm.n_params = card.get("n_params")
+        self.lm.n_params, self.lm.quantization = card.get("n_params"), card.get("quantization")
         self.root = card.get("root") or card["id"]
         self.context_length = card.get("max_model_len") or card.get("context_length")
         if not self.ready.is_set():
