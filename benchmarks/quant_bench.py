@@ -1,13 +1,13 @@
 """What int8 weights cost in quality: perplexity and next-token agreement, full precision vs int8.
 
-    .venv/bin/python benchmarks/quant_bench.py                      # trains two models, ~25 min on 2 cores
+    .venv/bin/python benchmarks/quant_bench.py                      # trains two models, ~30 min on 2 cores
     .venv/bin/python benchmarks/quant_bench.py --model runs/scratch-cpu/final --model DIR   # models you have
 
 Random weights say nothing about quality, and no pretrained weights can be downloaded here, so
 by default it first trains the best models a benchmark run allows with `wikigpt train`, on
 WikiText-103's validation articles (../shared's wiki.valid.raw): the scratch-cpu preset's small
 GPT-2 (4 x 256, its own 8k vocabulary) and a DistilGPT2-shaped model (6 x 768, GPT-2's
-tokenizer), each from random weights for --train-minutes. Then, on the WikiText test articles
+tokenizer), each from random weights for 400 steps of 2,048 tokens or --train-minutes. Then, on the WikiText test articles
 (wiki.test.raw, which training never saw), for each model in float32 and with the int8 weights
 serving uses (quantize.py):
 - perplexity with `wikigpt evaluate`'s sliding window (evaluate.evaluate_ids), first
@@ -76,7 +76,8 @@ def measure(path: str, text: str, max_tokens: int, stride: int | None) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", action="append", help="a trained model directory (repeatable); default: train two")
-    ap.add_argument("--train-minutes", type=float, default=10, help="training time per model (default 10)")
+    ap.add_argument("--train-minutes", type=float, default=12,
+                    help="most training time per model (default 12); each stops at 400 steps otherwise")
     ap.add_argument("--keep", help="keep the trained models in this directory (default: a temp dir)")
     ap.add_argument("--max-tokens", type=int, default=20_000, help="test tokens scored per model (default 20,000)")
     ap.add_argument("--stride", type=int, default=None, help="default: 512 or half the window")
@@ -86,12 +87,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="wikigpt-quant-") as tmp:
         work = Path(args.keep or tmp)
         models = args.model or [
-            str(train(work / "scratch-cpu", args.train_minutes, "--preset", "scratch-cpu", "--max-steps", "100000")),
+            str(train(work / "scratch-cpu", args.train_minutes, "--preset", "scratch-cpu")),
             str(train(work / "distilgpt2-shaped", args.train_minutes, "--init", "scratch", "--architecture",
                       str(TOKENIZER_DIR / "config-distilgpt2.json"), "--tokenizer", str(TOKENIZER_DIR),
                       "--block-size", "256", "--batch-size", "8", "--tokens-per-step", "2048",
-                      "--learning-rate", "6e-4", "--warmup-steps", "30", "--max-steps", "100000",
-                      "--eval-interval", "100000", "--save-interval", "100000")),
+                      "--learning-rate", "6e-4", "--warmup-steps", "30", "--max-steps", "400",
+                      "--eval-interval", "400", "--save-interval", "100")),
         ]
         rows = [measure(m, text, args.max_tokens, args.stride) for m in models]
     print(f"\nWikiText test articles (wiki.test.raw), first {args.max_tokens:,} tokens per model; torch "
