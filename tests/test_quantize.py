@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from wikigpt.engine import Engine
-from wikigpt.engine.gpt2 import GPT2Forward
+from wikigpt.engine.gpt2 import GPT2Forward, SplitForward
 from wikigpt.engine.kernels import EXACT_ROWS, TILE_ROWS, Kernels, Linear
 from wikigpt.engine.kv_cache import SlotKVCache
 from wikigpt.generation import generate
@@ -111,8 +111,28 @@ def test_auto_keeps_the_faster_forward_and_says_so(tiny_lm):
         engine.stop()
     import re
 
-    int8_ms, full_ms = map(float, re.search(r"int8 ([\d.]+) ms, float32 ([\d.]+) ms", info["kernels"]).groups())
+    int8_ms, full_ms = map(float, re.search(r"rows int8/float32 ms: 1 ([\d.]+)/([\d.]+)", info["kernels"]).groups())
     assert info["quantization"] == ("int8" if int8_ms < full_ms else "none")
+
+
+def test_a_split_forward_decodes_few_rows_in_int8_and_more_in_full_precision(tiny_lm):
+    cfg = tiny_lm.model.config
+    cache = SlotKVCache(cfg.n_layer, 3, cfg.n_head, cfg.n_positions, cfg.n_embd // cfg.n_head, torch.float32, "cpu")
+    full = GPT2Forward(tiny_lm.model, cache, torch.float32, Kernels())
+    int8 = GPT2Forward(tiny_lm.model, cache, torch.float32, Kernels(int8=True))
+    split = SplitForward(int8, full, rows=1)
+    with torch.inference_mode():
+        slots = [split.allocate(), split.allocate()]
+        split.prefill(slots, [[5, 6, 7], [8, 9, 10]])
+        lengths = list(cache.lengths)
+        one = split.decode(slots[:1], torch.tensor([11]))
+        cache.lengths[:] = lengths
+        assert torch.equal(one, int8.decode(slots[:1], torch.tensor([11])))
+        cache.lengths[:] = lengths
+        two = split.decode(slots, torch.tensor([11, 12]))
+        cache.lengths[:] = lengths
+        assert torch.equal(two, full.decode(slots, torch.tensor([11, 12])))
+        assert not torch.equal(one[0], two[0])
 
 
 def test_the_server_and_a_gateway_in_front_say_int8_is_served(tiny_model_dir, tmp_path):

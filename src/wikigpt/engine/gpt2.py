@@ -178,6 +178,28 @@ class GPT2Forward:
             self.cache.release(s)
 
 
+class SplitForward:
+    """Two forwards over one KV cache: `small` (int8 weights) for decoding steps of up to `rows`
+    rows, `large` (full precision) for larger steps and for prefill, where the start-up
+    measurement found full precision faster (engine core: Engine._choose_int8)."""
+
+    def __init__(self, small: GPT2Forward, large: GPT2Forward, rows: int) -> None:
+        self.small, self.large, self.rows, self.cache = small, large, rows, large.cache
+        self.one_row = None  # one row is int8's
+
+    def prefill(self, slots: list[int], prompts: list[list[int]], every_position: bool = False):
+        return self.large.prefill(slots, prompts, every_position)
+
+    def decode(self, slots: list[int], tokens: torch.Tensor) -> torch.Tensor:
+        return (self.small if max(slots) < self.rows else self.large).decode(slots, tokens)
+
+    def allocate(self) -> int:
+        return self.cache.allocate()
+
+    def release(self, slots: list[int]) -> None:
+        self.large.release(slots)
+
+
 class _OneRow:
     """Decoding one sequence through four compiled graphs instead of ~13 kernel calls per block.
 
