@@ -125,8 +125,10 @@ async def drive(url: str, kind: str, concurrency: int, n_requests: int, max_toke
             latencies.append(time.perf_counter() - t0)
 
     t0 = time.perf_counter()
+    # A connection per request (force_close): llama.cpp's server closes a connection after a
+    # streamed answer without saying so, and a reused one then fails; every server gets the same.
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3600),
-                                     connector=aiohttp.TCPConnector(limit=concurrency)) as c:
+                                     connector=aiohttp.TCPConnector(limit=concurrency, force_close=True)) as c:
         await asyncio.gather(*[client(c) for _ in range(concurrency)])
     wall = time.perf_counter() - t0
     q = statistics.quantiles(latencies, n=20) if len(latencies) > 1 else latencies * 19
