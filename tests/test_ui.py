@@ -30,6 +30,7 @@ from .conftest import free_port
 UI_FILE = str(Path(continue_page.__file__).with_name("app.py"))  # what `wikigpt ui` runs
 # What GET / of `wikigpt serve` sends (api: "eval" is evalreport.eval_summary of the model folder).
 HEALTH = {"status": "ok", "model": "tiny-wiki", "n_params": 124_439_808, "context_length": 1024,
+          "device": "cpu", "dtype": "bfloat16", "quantization": "int8",
           "eval": summarize({"format": 1, "latest": {"perplexity": 31.25, "data": "wikitext-103-raw", "split": "test",
                                                      "n_tokens": 280_000, "complete": True, "window": 1024}})}
 
@@ -179,6 +180,7 @@ def test_page_shows_backend_model_and_says_what_the_model_is(app):
     sidebar = "\n".join(str(e.value) for e in at.sidebar.success) + "\n".join(m.value for m in at.sidebar.markdown)
     assert "Backend ready" in sidebar and "tiny-wiki" in sidebar
     assert "124.4 M parameters" in "\n".join(c.value for c in at.sidebar.caption)
+    assert "cpu · bfloat16 · int8 weights" in "\n".join(c.value for c in at.sidebar.caption)
     assert at.sidebar.metric[0].value == "31.25"  # perplexity from the model's eval report
     assert "on wikitext-103-raw test, 280,000 tokens" in "\n".join(c.value for c in at.sidebar.caption)
     assert "not a chat assistant" in page_text(at)

@@ -130,7 +130,8 @@ def _model_panel(health: dict) -> None:
     if health.get("context_length"):
         facts.append(f"context {health['context_length']} tokens")
     if health.get("device"):
-        facts.append(f"{health['device']} · {health.get('dtype', '')}".rstrip(" ·"))
+        facts.append(f"{health['device']} · {health.get('dtype', '')}".rstrip(" ·")
+                     + (" · int8 weights" if health.get("quantization") == "int8" else ""))
     if facts:
         st.caption(" · ".join(facts))
     report: EvalSummary = health.get("eval") or {}
