@@ -169,6 +169,10 @@ def soak(server: ServerProcess, args: argparse.Namespace) -> None:
     pid = server.proc.pid
     started = time.monotonic()
     deadline = started + 60 * args.minutes if args.minutes else None
+    import httpx
+
+    info = httpx.get(server.url + "/").json()
+    print(f"serving {info.get('dtype')}, quantization {info.get('quantization')} ({info.get('kernels')})")
     print(f"warm-up: {args.warmup} requests", flush=True)
     asyncio.run(run_mix(server.url, args.warmup, args.clients, args.seed))
     base = settle(pid)
