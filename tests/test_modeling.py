@@ -163,3 +163,37 @@ def test_a_short_revision_not_in_the_history_is_a_clear_error(tiny_model_dir, tm
         env = {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf")}
         r = _cli(["generate", "x", "--model", "fake-org/tiny-gpt2", "--revision", "cc0607f"], env)
     assert r.returncode == 2 and "commit cc0607f is not in its history" in r.stderr
+
+
+CONVERTED = "c" * 40  # the converter bot's commit on top of the pinned one, adding model.safetensors
+
+
+@pytest.mark.parametrize("author, parent, used", [
+    ("SFconvertbot", PINNED_FULL, True),      # the Hub's conversion of the pinned commit
+    ("mallory", PINNED_FULL, False),          # the same title from anyone else
+    ("SFconvertbot", "f" * 40, False),        # a conversion of another commit
+])
+def test_the_safetensors_conversion_of_the_pinned_commit_is_preferred(tiny_model_dir, tmp_path, author, parent, used):
+    """A repository with only a pickle at the pinned commit and the converter bot's open pull
+    request adding model.safetensors on top of it (as the default model's repository has): the
+    conversion's safetensors load and the pickle is never fetched; offline, the conversion is
+    found again. Any other pull request is ignored."""
+    repo = _pickle_repo(tmp_path, tiny_model_dir)
+    (repo / "model.safetensors").write_bytes((tiny_model_dir / "model.safetensors").read_bytes())
+    history = ("f" * 40, PINNED_FULL, "a" * 40)
+    pull = {"num": 1, "author": author, "title": "Adding `safetensors` variant of this model",
+            "commits": [CONVERTED, parent, *history[history.index(parent) + 1:]]}
+    with FakeHub(DEFAULT_MODEL, repo, commits=history, hidden={c: {"model.safetensors"} for c in history},
+                 pulls=[pull]) as hub:
+        env = {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf")}
+        ok = _cli(["generate", "Data science is", "--seed", "1", "--max-new-tokens", "4"], env)
+        assert ok.returncode == 0, ok.stderr
+    downloads = [r for r in hub.requests if "/resolve/" in r]
+    if used:
+        assert any(f"/resolve/{CONVERTED}/model.safetensors" in r for r in downloads), downloads
+        assert not any("pytorch_model.bin" in r for r in downloads)
+        offline = _cli(["generate", "x", "--max-new-tokens", "2"], {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+        assert offline.returncode == 0, offline.stderr
+    else:
+        assert any(f"/resolve/{PINNED_FULL}/pytorch_model.bin" in r for r in downloads), downloads
+        assert not any(CONVERTED in r for r in downloads)

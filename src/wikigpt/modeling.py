@@ -2,10 +2,10 @@
 
 A model is a Hugging Face Hub id or a local directory holding a GPT-2-family causal LM and its
 tokenizer. A local directory must hold safetensors weights (what `save_model` writes). A Hub
-repository is read at its pinned commit (settings.PINNED_REVISIONS) unless --revision says
-otherwise; its safetensors weights where it has them, else its `pytorch_model.bin` through
-torch's weights-only unpickler, which rebuilds tensors and refuses any other object (no code
-runs), never a plain pickle. Every failure to find or read one becomes a ModelNotFoundError that names the model
+repository is read at the commit and from the weights file hub.py picks (its pinned commit;
+safetensors, or the Hub's safetensors conversion of that commit), else its `pytorch_model.bin`
+through torch's weights-only unpickler, which rebuilds tensors and refuses any other object (no
+code runs), never a plain pickle. Every failure to find or read one becomes a ModelNotFoundError that names the model
 and says how to fix it; the CLI turns it into exit code 2.
 """
 
@@ -15,7 +15,6 @@ import functools
 import json
 import os
 import pickle
-import re
 import shutil
 import tempfile
 import time
@@ -27,8 +26,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from . import hub
 from .errors import ConfigError, ModelNotFoundError
-from .settings import PINNED_REVISIONS, ModelSettings, SamplingParams
+from .settings import ModelSettings, SamplingParams
 
 # transformers, given a Hub repository with only pickle weights, starts a thread that asks the
 # Hub's converter bot to open a pull request on that repository, with the user's token. Loading
@@ -176,46 +176,6 @@ def _reason(exc: BaseException) -> str:
     return (lines[0] if lines else type(exc).__name__).rstrip(".:")
 
 
-def resolve_revision(name: str, revision: str | None) -> str | None:
-    """The revision to read Hub model `name` at: `revision`, else its pinned commit, else None
-    (the head of 'main'). A short commit id (as the Hub's pages show them) becomes the full one,
-    which is what huggingface_hub names cached snapshots by: from the repository's history when
-    the Hub is reachable, from the cached snapshots when it is not."""
-    revision = revision or PINNED_REVISIONS.get(name)
-    if revision is None or not re.fullmatch(r"[0-9a-f]{7,39}", revision):
-        return revision  # a branch, a tag or a full commit id
-    from huggingface_hub import HfApi, constants
-
-    try:
-        commits = [c.commit_id for c in HfApi().list_repo_commits(name)]
-    except Exception:  # offline, or the Hub unreachable: what was downloaded before
-        folder = Path(constants.HF_HUB_CACHE) / f"models--{name.replace('/', '--')}" / "snapshots"
-        commits = [p.name for p in folder.glob(f"{revision}*")] if folder.is_dir() else []
-        if not commits:
-            raise _not_found(name, f"the Hugging Face Hub could not be reached and commit {revision} "
-                                   "is not in the local cache") from None
-    full = [c for c in commits if c.startswith(revision)]
-    if len(full) != 1:
-        raise _not_found(name, f"commit {revision} is {'ambiguous' if full else 'not in its history'}")
-    return full[0]
-
-
-def _hub_weights_format(name: str, revision: str | None) -> bool:
-    """True to load safetensors, False for `pytorch_model.bin` (weights-only): whichever the
-    repository holds at `revision`, safetensors first; offline, whichever the cache holds."""
-    from huggingface_hub import HfApi, constants, try_to_load_from_cache
-
-    def cached(filename: str) -> bool:
-        return isinstance(try_to_load_from_cache(name, filename, revision=revision), str)
-
-    if constants.HF_HUB_OFFLINE:
-        files = [f for f in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin") if cached(f)]
-    else:
-        files = HfApi().list_repo_files(name, revision=revision)
-    return any(f.endswith((".safetensors", ".safetensors.index.json")) for f in files) or \
-        not any(f.endswith(".bin") for f in files)
-
-
 def load_model(settings: ModelSettings) -> LoadedModel:
     """Load model and tokenizer, ready for batched generation (pad = EOS, left padding)."""
     name = settings.model
@@ -240,8 +200,7 @@ def load_model(settings: ModelSettings) -> LoadedModel:
         source = str(path)
     try:
         if not _looks_like_path(name):
-            revision = resolve_revision(name, revision)
-            safetensors = _hub_weights_format(name, revision)
+            revision, safetensors = hub.weights_source(name, hub.resolve_revision(name, revision, _not_found))
         tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
         model = AutoModelForCausalLM.from_pretrained(
             source, revision=revision, dtype=dtype, use_safetensors=safetensors, weights_only=True
@@ -341,7 +300,7 @@ def load_tokenizer(name: str, revision: str | None = None) -> PreTrainedTokenize
         if _looks_like_path(name):
             tok = AutoTokenizer.from_pretrained(str(Path(name).expanduser()))
         else:
-            tok = AutoTokenizer.from_pretrained(name, revision=resolve_revision(name, revision))
+            tok = AutoTokenizer.from_pretrained(name, revision=hub.resolve_revision(name, revision, _not_found))
     except ModelNotFoundError:
         raise
     except (OSError, ValueError) as exc:
