@@ -7,9 +7,9 @@
 - `weights_source`: safetensors wherever they exist for that commit. Many older repositories
   (the default model's among them) hold only a PyTorch pickle, `pytorch_model.bin`; the Hub's
   converter bot then often has an open pull request adding `model.safetensors`. That pull
-  request's commit is used only if it sits directly on the requested commit and changes no file
-  of it (every blob id equal) and adds nothing but safetensors files: the same model, without the
-  pickle. Found online, it is remembered in the model's cache folder for offline starts.
+  request's commit is used only if it sits directly on the requested commit, changes no file of
+  it (every blob id equal; `.gitattributes` aside, never loaded) and adds nothing but safetensors
+  files: the same model, without the pickle. Found online, it is remembered in the model's cache folder for offline starts.
   Without one, the pickle is read by torch's weights-only unpickler (modeling.load_model).
 """
 
@@ -118,7 +118,9 @@ def _conversion(api, name: str, base: str, files: dict[str, str]) -> str | None:
             continue
         theirs = _tree(api, name, commits[0])
         added = set(theirs) - set(files)
-        if added and all(p.endswith(SAFETENSORS) for p in added) and all(theirs.get(p) == b for p, b in files.items()):
+        # .gitattributes (which files git stores in LFS) may gain a line; it is never loaded
+        same = all(theirs.get(p) == b for p, b in files.items() if p != ".gitattributes")
+        if added and all(p.endswith(SAFETENSORS) for p in added) and same:
             return commits[0]
     return None
 
