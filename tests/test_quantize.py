@@ -151,3 +151,32 @@ def test_the_server_and_a_gateway_in_front_say_int8_is_served(tiny_model_dir, tm
                                                             "temperature": 0}).json()
         assert done["usage"]["completion_tokens"] == 4
         assert httpx.get(gw.url + "/").json()["quantization"] == "int8"
+
+
+def test_other_architectures_get_int8_when_asked_and_match_an_int8_transformers_forward(tmp_path, tiny_model_dir):
+    """A Llama-shaped model (transformers' forward, hf.py) with --quantization int8: every
+    nn.Linear int8, one sequence's greedy text equal to the same int8 model's `generate`."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, set_seed
+
+    from wikigpt.modeling import load_model, save_model
+    from wikigpt.settings import ModelSettings
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    set_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    lm = load_model(ModelSettings(model=str(save_model(LlamaForCausalLM(cfg), tok, tmp_path / "llama")), device="cpu"))
+    engine, ref = _int8_engine_and_reference(lm)
+    try:
+        assert engine.ready.wait(120)
+        assert engine.info()["forward"] == "HFForward" and engine.info()["quantization"] == "int8"
+        params = SamplingParams(max_new_tokens=12, temperature=0.0, repetition_penalty=1.0)
+
+        async def complete():
+            return await engine.submit("Data science is", params).text()
+
+        assert asyncio.run(complete()) == generate(ref, "Data science is", params)[len("Data science is"):]
+        assert not any(isinstance(m, torch.nn.Linear) for m in engine.forward.model.modules())
+    finally:
+        engine.stop()
