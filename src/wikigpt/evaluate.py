@@ -26,7 +26,6 @@ ends, at most 2 of ~4,000 words per article (< 0.05 %).
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import math
 import sys
@@ -303,10 +302,12 @@ def _tokenizer_key(lm: LoadedModel) -> str:
 
 def run(s: EvalSettings) -> int:
     """`wikigpt evaluate`: evaluate each --model on the same stream, print one table (or JSON)."""
-    from .modeling import load_model
+    from .modeling import load_model, resolve_device
     from .quantize import quantize_model
     from .settings import ModelSettings
 
+    if s.quantization != "none" and resolve_device(s.device).type != "cpu":
+        raise ConfigError("--quantization int8 runs on CPUs only (pass --device cpu)")
     # int8 products take float32 activations (quantize.py); a full-precision row beside an int8
     # one is float32 too, so the two differ only by the weights' precision
     dtype = "float32" if s.quantization != "none" else _dtype_for(s)
@@ -332,10 +333,8 @@ def run(s: EvalSettings) -> int:
     reported: list[str] = []  # the --model each result row belongs to
     for ms in settings:
         for int8 in variants:
-            lm = preloaded if preloaded is not None and not (int8 and len(variants) > 1) else load_model(ms)
+            lm, preloaded = preloaded or load_model(ms), None  # quantizing changes it: used once
             if int8:
-                if lm.device.type != "cpu":
-                    raise ConfigError("--quantization int8 runs on CPUs only (pass --device cpu)")
                 quantize_model(lm.model)
             ids, data_name = streams[_tokenizer_key(lm)]
             result = evaluate_ids(

@@ -52,17 +52,19 @@ def resolve_revision(name: str, revision: str | None, not_found) -> str | None:
         return revision  # a branch, a tag or a full commit id
     from huggingface_hub import HfApi
 
-    try:
-        if _offline():
-            raise OSError("offline")
-        commits = [c.commit_id for c in HfApi().list_repo_commits(name)]
-    except Exception:  # offline, or the Hub unreachable: what was downloaded before
+    commits = None
+    if not _offline():
+        try:
+            commits = [c.commit_id for c in HfApi().list_repo_commits(name)]
+        except Exception:  # the Hub unreachable: as offline
+            commits = None
+    if commits is None:  # what was downloaded before
         folder = _cache_folder(name) / "snapshots"
         commits = [p.name for p in folder.glob(f"{revision}*")] if folder.is_dir() else []
         commits += [c for c in _remembered(name) if c.startswith(revision) and c not in commits]
         if not commits:
             raise not_found(name, f"the Hugging Face Hub could not be reached and commit {revision} "
-                                  "is not in the local cache") from None
+                                  "is not in the local cache")
     full = [c for c in commits if c.startswith(revision)]
     if len(full) != 1:
         raise not_found(name, f"commit {revision} is {'ambiguous' if full else 'not in its history'}")

@@ -5,8 +5,8 @@ tokenizer. A local directory must hold safetensors weights (what `save_model` wr
 repository is read at the commit and from the weights file hub.py picks (its pinned commit;
 safetensors, or the Hub's safetensors conversion of that commit), else its `pytorch_model.bin`
 through torch's weights-only unpickler, which rebuilds tensors and refuses any other object (no
-code runs), never a plain pickle. Every failure to find or read one becomes a ModelNotFoundError that names the model
-and says how to fix it; the CLI turns it into exit code 2.
+code runs), never a plain pickle. Every failure to find or read one becomes a
+ModelNotFoundError that names the model and says how to fix it; the CLI turns it into exit code 2.
 """
 
 from __future__ import annotations

@@ -78,10 +78,6 @@ class Int8Weight:
         q, bias = torch.ops.quantized.linear_unpack(self.packed)
         return q.dequantize(), bias
 
-    @property
-    def nbytes(self) -> int:
-        return self.shape[0] * self.shape[1] + 8 * self.shape[0]  # int8 weights + float64 scales
-
 
 class Int8Linear(nn.Module):
     """A transformers `nn.Linear` or GPT-2 `Conv1D` ([in, out] weights) with int8 weights, for

@@ -26,7 +26,7 @@ DEFAULT_MODEL = "neulab/distilgpt2-finetuned-wikitext103"
 # Training and tokenizing start from the base model: fine-tuning is what `wikigpt train` does.
 BASE_MODEL = "distilbert/distilgpt2"
 # Hub commits pinned per model id, used when --revision is not given. The Hub shows short ids;
-# modeling.resolve_revision turns one into the full commit id (from the repository's history
+# hub.resolve_revision turns one into the full commit id (from the repository's history
 # online, from the cached snapshots offline) before anything is downloaded.
 PINNED_REVISIONS = {DEFAULT_MODEL: "cc0607f"}
 

@@ -72,7 +72,6 @@ class Engine:
             raise ValueError(f"quantization must be auto, none or int8, not {quantization!r}")
         self.quantization = quantization  # "auto" is settled by the worker, in _build
         self.int8_timing: str | None = None  # what the "auto" measurement found
-        self.int8_kernels, self.int8_rows = Kernels(int8=True), 0  # int8 serves steps of up to int8_rows rows
         # The Rust decoder directly: transformers' decode wrapper costs ~3x more per call. Its
         # only extra, space clean-up, is off for GPT-2; keep the wrapper where it is on.
         backend = getattr(lm.tokenizer, "backend_tokenizer", None)
@@ -116,14 +115,11 @@ class Engine:
     def info(self) -> dict:
         """Facts for the API's `/` route and the logs."""
         kernels = None
-        if isinstance(self.forward, GPT2Forward | SplitForward):
-            kernels = self.kernels.describe() + ("; one sequence alone: the blocks as chained compiled graphs"
-                                                 if self.forward.one_row is not None else "")
-            if isinstance(self.forward, SplitForward):
-                kernels = (f"up to {self.int8_rows} rows: {self.int8_kernels.describe()}; "
-                           f"more rows and prefill: {kernels}")
-            elif self.forward.kernels.int8:
-                kernels = self.int8_kernels.describe()
+        if isinstance(self.forward, SplitForward):
+            kernels = (f"up to {self.forward.rows} rows: {_describe(self.forward.small)}; "
+                       f"more rows and prefill: {_describe(self.forward.large)}")
+        elif isinstance(self.forward, GPT2Forward):
+            kernels = _describe(self.forward)
         if kernels and self.int8_timing:
             kernels += f"; {self.int8_timing}"
         return {"dtype": str(self.dtype).removeprefix("torch."), "device": str(self.lm.device),
@@ -251,9 +247,12 @@ class Engine:
         self.forward.release([slot])
         log.info("engine: %s", self.info())
 
+    def _int8_unavailable(self) -> str | None:
+        """Why int8 weights cannot be served here, or None."""
+        return "int8 weights run on CPUs only" if self.lm.device.type != "cpu" else quantize_unavailable()
+
     def _require_int8(self) -> None:
-        why = "int8 weights run on CPUs only" if self.lm.device.type != "cpu" else quantize_unavailable()
-        if why:
+        if why := self._int8_unavailable():
             raise EngineError(f"--quantization int8 cannot be served here: {why}")
 
     def _choose_int8(self, model, cache: SlotKVCache) -> None:
@@ -263,24 +262,18 @@ class Engine:
         (one sequence first: a chat or the web UI). Where full precision won at more rows, its
         weights stay loaded beside the int8 ones (DistilGPT2: 81 MB more than int8 alone's
         ~330 MB of weights in bf16 and packed copies) and serve those steps and every prefill."""
-        if self.quantization == "auto" and (self.lm.device.type != "cpu" or quantize_unavailable()):
-            log.info("int8 weights not tried: %s", quantize_unavailable() or "not a CPU")
+        if self.quantization == "auto" and (why := self._int8_unavailable()):
+            log.info("int8 weights not tried: %s", why)
             self.quantization = "none"
             return
         self._require_int8()
-        kernels = Kernels(int8=True, attention=self.kernels.attention)
-        int8 = GPT2Forward(model, cache, self.dtype, kernels)
-        self.int8_kernels = kernels
-        if self.quantization == "int8":
-            self.forward, self.int8_rows = int8, self.max_batch_size
-            return
-        self.int8_rows = self._int8_rows(int8, cache)
-        if self.int8_rows == 0:
+        int8 = GPT2Forward(model, cache, self.dtype, Kernels(int8=True, attention=self.kernels.attention))
+        rows = self.max_batch_size if self.quantization == "int8" else self._int8_rows(int8, cache)
+        if rows == 0:
             self.quantization = "none"
         else:
             self.quantization = "int8"
-            self.forward = int8 if self.int8_rows >= self.max_batch_size else SplitForward(int8, self.forward,
-                                                                                         self.int8_rows)
+            self.forward = int8 if rows >= self.max_batch_size else SplitForward(int8, self.forward, rows)
 
     def _int8_rows(self, int8: GPT2Forward, cache: SlotKVCache) -> int:
         """The most rows at which int8's decoding step was faster (0: not even at one row)."""
@@ -465,3 +458,9 @@ class Engine:
             self._emit(r, out.chunk(text))
         r.last = token
         return True
+
+
+def _describe(forward: GPT2Forward) -> str:
+    """The kernels a lean forward runs, for `/` and the logs."""
+    chained = "; one sequence alone: the blocks as chained compiled graphs" if forward.one_row is not None else ""
+    return forward.kernels.describe() + chained

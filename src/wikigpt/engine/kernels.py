@@ -141,8 +141,9 @@ EXACT_ROWS, TILE_ROWS, ROW_STEP = 32, 256, 16
 
 class Linear:
     """y = x W^T + b with the kernels chosen for this dtype. x is 2-D [rows, in]. `float_rows`:
-    the one-row product returns float32 (the LM head: its logits are wanted in float32, and
-    converting to bf16 and back is a second pass and a copy of 50,304 values)."""
+    the one-row product (with int8 weights, every product) returns float32 (the LM head: its
+    logits are wanted in float32, and converting to bf16 and back is a second pass and a copy of
+    50,304 values)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernels: Kernels,
                  float_rows: bool = False) -> None:
