@@ -35,6 +35,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e '.[all,dev]'
+	# int8 serving's kernel (src/wikigpt/csrc/q8_linear.cpp), compiled once into ~/.cache/wikigpt;
+	# without a C++ compiler this says so and int8 takes FBGEMM where exact (docs/engine.md)
+	$(PY) -m wikigpt.q8kernel
 	touch $@
 
 # The API and the web UI together, on 127.0.0.1. Ctrl-C stops both, and so does either one

@@ -5,78 +5,185 @@ token over the memory bandwidth: DistilGPT2's products hold 81 M weights, 324 MB
 float32, 162 MB in bf16, 81 MB in int8. Each weight matrix is stored as int8 with one float
 scale per output row (symmetric: w ~ scale[row] * q, q in [-127, 127], scale = max|w_row| / 127).
 
-The product is torch's dynamically quantized linear (`torch.ops.quantized.linear_dynamic`,
-FBGEMM on x86), the kernel `torch.ao.quantization.quantize_dynamic` builds: weights packed once
-into its blocked int8 layout; at each call the activations are quantized to uint8 with one
-scale and zero point for the whole call (from its min and max), multiplied with int32 sums,
-and rescaled to float32. llama.cpp's q8_0 likewise multiplies int8 by int8 with integer sums
-(its activations per block of 32 values). Measured on the 25 products of one DistilGPT2 token
-(2 threads, Intel Xeon with AMX, one row): 2.2 ms, against 7.0 ms for bf16 with oneDNN's
-packed weights and 11.4 ms for float32 `F.linear`; weight-only int8 (Inductor's compiled
-dequantize-and-reduce, or `aten._weight_int8pack_mm`) took 3.9-4.0 ms. No kernel of our own:
-FBGEMM already reads the int8 weights at ~37 GB/s there.
+Two products use those weights, and give the same answer within the rounding of 8-bit
+activations (the tests hold both to one dequantized reference):
+- wikigpt's kernel (csrc/q8_linear.cpp, built by q8kernel.py): activations as llama.cpp's q8_0
+  quantizes them, signed int8 with one scale per block of 32 values, integer sums per block
+  that never saturate, on AVX2, AVX-512 VNNI or portable C++. Exact on every x86 CPU, and a
+  row's numbers never depend on the rows beside it. It reads the weights once per call, so it
+  leads at one or a few rows (the bandwidth-bound decoding step); its per-block rescaling costs
+  multiply work at many rows.
+- FBGEMM's dynamically quantized linear (`torch.ops.quantized.linear_dynamic`): activations
+  uint8 with one scale per call. With VNNI its products are exact and its many-row GEMM is
+  faster; without VNNI it sums u8 x s8 pairs into int16 with saturation (2 x 255 x 127 = 64,770
+  > 32,767) and would need 7-bit activations, twice the rounding step: it is not used there.
 
-Two caveats, both visible where they matter:
-- One scale per call for the activations: in a batch, a row's numbers depend on the other rows
-  (as with bf16's batch-dependent rounding); one sequence alone is quantized per token.
-- torch 2.13 marks its quantized tensor types deprecated (to move to torchao). `unavailable()`
-  says why int8 cannot run on a build that has lost them; serving then keeps full precision
-  and says so.
+`backends()` measures, once per process, at which row counts our kernel beats FBGEMM (where
+both run) and which SIMD path of ours is fastest; each call then takes the product measured
+faster for its row count. torch 2.13 marks its quantized tensor types deprecated (to move to
+torchao): our kernel needs only torch's C++ operator API (TORCH_LIBRARY), so it outlives them;
+where neither runs, `unavailable()` says why and serving keeps full precision.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
+import time
 import warnings
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from . import q8kernel
+
+log = logging.getLogger("wikigpt.engine")
+
+
+@dataclass(frozen=True)
+class Backends:
+    """What runs here, measured once (backends())."""
+
+    q8_path: int | None  # our kernel's fastest SIMD path (q8kernel.PATHS), None: not built
+    q8_why: str | None  # why our kernel does not run, if it does not
+    fbgemm_exact: bool  # FBGEMM runs here with 8-bit activations that do not saturate
+    q8_rows: int  # calls of up to this many rows take our kernel, larger ones FBGEMM (if exact)
+    timing: str = ""  # what the measurement found, for the logs and the API's `/`
+
+    def describe(self) -> str:
+        ours = f"wikigpt q8 kernel ({q8kernel.PATHS[self.q8_path]}, int8 activations per block of 32)" \
+            if self.q8_path is not None else None
+        fbgemm = "FBGEMM dynamic int8" if self.fbgemm_exact else None
+        if ours and fbgemm:
+            return f"{ours} up to {self.q8_rows} rows, {fbgemm} above"
+        return ours or fbgemm or "none"
+
 
 @functools.cache
+def backends() -> Backends:
+    q8_why = q8kernel.load()
+    fbgemm_exact = _fbgemm_exact()
+    if q8_why is not None:
+        if not fbgemm_exact:
+            return Backends(None, q8_why, False, 0)
+        log.warning("int8 products: wikigpt's kernel is unavailable (%s); FBGEMM's are used", q8_why)
+        return Backends(None, q8_why, True, 0)
+    # Decoding reads weights that do not fit in cache: the candidates are timed over 40 of
+    # DistilGPT2's 768 x 3072 products (40 x 2.4 MB = 94 MB, more than the L3 of the CPUs we
+    # run on); a single cache-resident weight would time the caches instead of memory.
+    g = torch.Generator().manual_seed(0)
+    qs = [torch.randint(-127, 128, (768, 3072), dtype=torch.int8, generator=g) for _ in range(40)]
+    scale = torch.full((768,), 1e-3)
+
+    def ours(x, path):
+        return lambda: [torch.ops.wikigpt.q8_linear(x, q, scale, None, path) for q in qs]
+
+    x1 = torch.randn(1, 3072, generator=g)
+    times = dict(zip(q8kernel.paths(), _best_times(*(ours(x1, p) for p in q8kernel.paths()))))
+    path = min(times, key=times.get)
+    found = [", ".join(f"{q8kernel.PATHS[p]} {t * 1e3:.2f}" for p, t in times.items()) + " ms at 1 row"]
+    rows = 1 << 30
+    if fbgemm_exact:  # the largest row count at which ours still wins
+        packed = [_fbgemm_pack(q, scale, None) for q in qs]
+        rows = 0
+        for n in (1, 2, 4, 8, 16, 32):
+            x = torch.randn(n, 3072, generator=g)
+            t_ours, t_fbgemm = _best_times(ours(x, path),
+                                           lambda: [torch.ops.quantized.linear_dynamic(x, p, False) for p in packed])
+            found.append(f"{n} rows q8/FBGEMM {t_ours * 1e3:.2f}/{t_fbgemm * 1e3:.2f} ms")
+            if t_ours >= t_fbgemm:
+                break
+            rows = n
+    timing = "; ".join(found)
+    log.info("int8 products: %s", timing)
+    return Backends(path, None, fbgemm_exact, rows, timing)
+
+
 def unavailable() -> str | None:
     """None where int8 products run here, else why not (one line)."""
+    b = backends()
+    if b.q8_path is not None or b.fbgemm_exact:
+        return None
+    return (f"wikigpt's int8 kernel is unavailable ({b.q8_why}) and FBGEMM's 8-bit activations "
+            "saturate on this CPU (no VNNI)")
+
+
+def _best_times(*fns, runs: int = 8) -> list[float]:
+    """Best time of each, the calls interleaved (a burst of load elsewhere slows all alike)."""
+    for fn in fns:
+        fn()
+    best = [float("inf")] * len(fns)
+    for _ in range(runs):
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best
+
+
+def _quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 [out, in padded to a multiple of 32] and float32 scales [out]."""
+    scale = (weight.abs().amax(dim=1) / 127).clamp_min(1e-12)
+    q = torch.round(weight / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return torch.nn.functional.pad(q, (0, -weight.shape[1] % 32)).contiguous(), scale.float()
+
+
+def _fbgemm_pack(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, columns: int | None = None):
+    """FBGEMM's packed copy of the same integers and scales."""
+    q = q[:, :columns or q.shape[1]].contiguous()
+    zero = torch.zeros(q.shape[0], dtype=torch.long)
+    with warnings.catch_warnings():  # the deprecation notice, once per weight otherwise
+        warnings.simplefilter("ignore", UserWarning)
+        qt = torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0)
+        return torch.ops.quantized.linear_prepack(qt, bias)
+
+
+def _fbgemm_exact() -> bool:
+    """Whether FBGEMM runs here with 8-bit activations that do not saturate. Without VNNI
+    (AVX2-only CPUs) it sums pairs of uint8 x int8 products into int16 with saturation. Measured,
+    not looked up: the largest product is computed and compared."""
     try:
-        Int8Weight(torch.randn(16, 32))(torch.randn(2, 32))
-    except Exception as exc:  # a torch build without FBGEMM / quantized ops
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
-    return None
-
-
-@functools.cache
-def _reduce_range() -> bool:
-    """Whether activations must use 7 bits instead of 8. Without VNNI (AVX2-only CPUs), FBGEMM
-    sums pairs of uint8 x int8 products into int16 with saturation: 2 x 255 x 127 = 64,770
-    overflows 32,767. Measured, not looked up: the largest product is computed both ways, and
-    7 bits are used only where 8 bits come out wrong."""
-    w = torch.full((16, 64), 1.0)
-    x = torch.full((1, 64), 1.0)
-    return not torch.allclose(Int8Weight(w, reduce_range=False)(x), x @ w.T, rtol=1e-3)
+        q, scale = _quantize_rows(torch.full((16, 64), 1.0))
+        x = torch.full((1, 64), 1.0)
+        y = torch.ops.quantized.linear_dynamic(x, _fbgemm_pack(q, scale, None), False)
+    except Exception:  # a torch build without FBGEMM / quantized ops
+        return False
+    return torch.allclose(y, x @ torch.full((16, 64), 1.0).T, rtol=1e-3)
 
 
 class Int8Weight:
     """y = x W^T + b with W [out, in] held as per-row int8; x [rows, in] of any float dtype,
-    y float32."""
+    y float32. Each call takes the product backends() measured faster for its row count."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                 reduce_range: bool | None = None) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        b = backends()
+        if b.q8_path is None and not b.fbgemm_exact:
+            raise RuntimeError(f"int8 products are unavailable here ({unavailable()})")
         weight = weight.detach().float()
         self.shape = tuple(weight.shape)
-        scale = (weight.abs().amax(dim=1) / 127).clamp_min(1e-12).double()
-        zero = torch.zeros(weight.shape[0], dtype=torch.long)
-        with warnings.catch_warnings():  # the deprecation notice above, once per weight otherwise
-            warnings.simplefilter("ignore", UserWarning)
-            q = torch.quantize_per_channel(weight, scale, zero, 0, torch.qint8)
-        self.packed = torch.ops.quantized.linear_prepack(q, None if bias is None else bias.detach().float())
-        self.reduce_range = _reduce_range() if reduce_range is None else reduce_range
+        self.q, self.scale = _quantize_rows(weight)
+        self.bias = None if bias is None else bias.detach().float().contiguous()
+        ours = b.q8_path is not None and (b.q8_rows > 0 or not b.fbgemm_exact)
+        self.path = b.q8_path if ours else None
+        self.q8_rows = b.q8_rows if b.fbgemm_exact else 1 << 30  # calls above this take FBGEMM
+        # FBGEMM's copy only where some row counts take it (DistilGPT2: 81 MB more)
+        self.packed = _fbgemm_pack(self.q, self.scale, self.bias, self.shape[1]) if b.fbgemm_exact else None
+        if not ours:
+            self.q = None  # FBGEMM alone: its packed copy is all that is read
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.quantized.linear_dynamic(x.float().contiguous(), self.packed, self.reduce_range)
+        x = x.float().contiguous()
+        if self.path is not None and x.shape[0] <= self.q8_rows:
+            return torch.ops.wikigpt.q8_linear(x, self.q, self.scale, self.bias, self.path)
+        return torch.ops.quantized.linear_dynamic(x, self.packed, False)
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The float32 weight and bias these products use (int8 x scale): the reference."""
-        q, bias = torch.ops.quantized.linear_unpack(self.packed)
-        return q.dequantize(), bias
+        if self.q is None:
+            q, bias = torch.ops.quantized.linear_unpack(self.packed)
+            return q.dequantize(), bias
+        return self.q[:, :self.shape[1]].float() * self.scale[:, None], self.bias
 
 
 class Int8Linear(nn.Module):

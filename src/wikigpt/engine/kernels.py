@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.fx.experimental import _config as fx_config
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from ..quantize import Int8Weight
+from ..quantize import Int8Weight, backends
 
 log = logging.getLogger("wikigpt.engine")
 
@@ -114,7 +114,7 @@ class Kernels:
         att = (f"{att.describe(att.one)} (1 row), {att.describe(att.many)} (more)"
                if isinstance(att, Attention) else "SDPA")
         if self.int8:
-            return f"products: int8 weights, per-row scales (FBGEMM dynamic quantized linear); attention: {att}"
+            return f"products: int8 weights, per-row scales ({backends().describe()}); attention: {att}"
         return (f"one row: {'compiled GEMV' if self.compiled_gemv else 'F.linear'}; "
                 f"many rows: {'oneDNN packed weights' if self.packed else 'F.linear'}; attention: {att}")
 
@@ -159,7 +159,7 @@ class Linear:
             self.weight = None  # only the packed copy is read: do not keep two
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.int8 is not None:  # FBGEMM keeps no per-shape state: no tiling needed
+        if self.int8 is not None:  # neither int8 product keeps per-shape state: no tiling needed
             y = self.int8(x)
             return y if self.float_rows else y.to(x.dtype)
         rows = x.shape[0]
