@@ -39,14 +39,27 @@ struct Quantized {
   std::vector<float> d;      // [M, Kp / 32] block scales
 };
 
-void quantize_rows(const float* x, int64_t M, int64_t K, int64_t Kp, Quantized& out) {
+// With `ln_w`, each row is layer-normalised first (y = (x - mean) / sqrt(var + eps) * ln_w + ln_b,
+// as F.layer_norm): the norm before a product then costs no call of its own.
+void quantize_rows(const float* x, int64_t M, int64_t K, int64_t Kp, Quantized& out,
+                   const float* ln_w, const float* ln_b, double eps) {
   const int64_t nb = Kp / kBlock;
   out.q.assign(M * Kp, 0);
   out.a.assign(M * Kp, 0);
   out.d.assign(M * nb, 0.f);
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    std::vector<float> normed(ln_w ? K : 0);
     for (int64_t m = m0; m < m1; ++m) {
       const float* row = x + m * K;
+      if (ln_w) {
+        double sum = 0, sq = 0;
+        for (int64_t k = 0; k < K; ++k) sum += row[k];
+        const double mean = sum / K;
+        for (int64_t k = 0; k < K; ++k) sq += (row[k] - mean) * (row[k] - mean);
+        const float inv = float(1.0 / std::sqrt(sq / K + eps)), mu = float(mean);
+        for (int64_t k = 0; k < K; ++k) normed[k] = (row[k] - mu) * inv * ln_w[k] + (ln_b ? ln_b[k] : 0.f);
+        row = normed.data();
+      }
       for (int64_t b = 0; b < nb; ++b) {
         const int64_t k0 = b * kBlock, k1 = std::min(K, k0 + kBlock);
         float amax = 0.f;
@@ -215,8 +228,18 @@ int64_t q8_paths() {
   return bits;
 }
 
+const float* float_data(const std::optional<at::Tensor>& t, int64_t numel, at::Tensor& keep, const char* name) {
+  if (!t.has_value() || !t->defined()) return nullptr;
+  keep = t->contiguous().to(at::kFloat);
+  TORCH_CHECK(keep.numel() == numel, "q8_linear: ", name, " must hold ", numel, " values");
+  return keep.data_ptr<float>();
+}
+
+// y = [residual +] (LN(x) or x) W^T * w_scale + bias
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& w_scale,
-                     const std::optional<at::Tensor>& bias, int64_t path) {
+                     const std::optional<at::Tensor>& bias, int64_t path,
+                     const std::optional<at::Tensor>& ln_weight, const std::optional<at::Tensor>& ln_bias,
+                     double eps, const std::optional<at::Tensor>& residual) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "q8_linear: x must be 2-D float32");
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar && weight.is_contiguous(),
               "q8_linear: weight must be contiguous 2-D int8");
@@ -226,19 +249,17 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Te
   TORCH_CHECK(w_scale.numel() == N && w_scale.scalar_type() == at::kFloat, "q8_linear: one float32 scale per row");
   const Tiles tiles = tiles_for(path);
   const at::Tensor xc = x.contiguous();
+  at::Tensor lw, lb, bc, rc;
+  const float* ln_w = float_data(ln_weight, K, lw, "ln_weight");
+  const float* ln_b = float_data(ln_bias, K, lb, "ln_bias");
+  const float* bp = float_data(bias, N, bc, "bias");
+  const float* res = float_data(residual, M * N, rc, "residual");
   Quantized xq;
-  quantize_rows(xc.data_ptr<float>(), M, K, Kp, xq);
+  quantize_rows(xc.data_ptr<float>(), M, K, Kp, xq, ln_w, ln_b, eps);
   at::Tensor y = at::empty({M, N}, x.options());
   float* out = y.data_ptr<float>();
   const int8_t* w = weight.data_ptr<int8_t>();
   const float* ws = w_scale.data_ptr<float>();
-  const float* bp = nullptr;
-  at::Tensor bc;
-  if (bias.has_value() && bias->defined()) {
-    bc = bias->contiguous().to(at::kFloat);
-    TORCH_CHECK(bc.numel() == N, "q8_linear: bias must have one value per row");
-    bp = bc.data_ptr<float>();
-  }
   // Threads split the weight rows: each weight byte is read by one thread. Within a thread, a
   // chunk of 16 weight rows (12-48 KB, in L2) meets each tile of 4 activation rows (in L1) in
   // turn, so a weight byte comes from memory once per call and from L2 once per tile (M = 1:
@@ -254,7 +275,8 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Te
           (width > 1 ? tiles.full : tiles.single)[rows - 1](w + n * Kp, xq, m0, Kp, tile);
           for (int64_t i = 0; i < width; ++i, ++n)
             for (int64_t r = 0; r < rows; ++r)
-              out[(m0 + r) * N + n] = tile[i * rows + r] * ws[n] + (bp ? bp[n] : 0.f);
+              out[(m0 + r) * N + n] = tile[i * rows + r] * ws[n] + (bp ? bp[n] : 0.f) +
+                                      (res ? res[(m0 + r) * N + n] : 0.f);
         }
       }
     }
@@ -265,7 +287,8 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Te
 }  // namespace
 
 TORCH_LIBRARY(wikigpt, m) {
-  m.def("q8_linear(Tensor x, Tensor weight, Tensor w_scale, Tensor? bias, int path) -> Tensor");
+  m.def("q8_linear(Tensor x, Tensor weight, Tensor w_scale, Tensor? bias, int path, Tensor? ln_weight=None, "
+        "Tensor? ln_bias=None, float eps=1e-5, Tensor? residual=None) -> Tensor");
   m.def("q8_paths() -> int", &q8_paths);
 }
 

@@ -155,20 +155,20 @@ class GPT2Forward:
         rows = torch.arange(n, device=self.device)
         x = self.wte[ids] + self.wpe[pos]
         for layer, b in enumerate(self.blocks):
-            q, k, v = b.qkv(self._norm(x, b.ln1)).view(n, 3, h, hd).unbind(1)
+            q, k, v = b.qkv.fused(x, b.ln1, self.eps).view(n, 3, h, hd).unbind(1)
             keys, values = self.cache.keys[layer], self.cache.values[layer]
             if n == 1:  # a plain copy: indexing by tensors costs ~15 us more per write
                 keys[0, :, pos_list[0]], values[0, :, pos_list[0]] = k[0], v[0]
             else:
                 keys[rows, :, pos], values[rows, :, pos] = k, v
             y = self.kernels.attention(q, keys[:n, :, :span], values[:n, :, :span], mask, self.scale)
-            x = x + b.attn_proj(y.reshape(n, self.dim))
-            x = self._mlp(x, b)
+            x = b.attn_proj.fused(y.reshape(n, self.dim), residual=x)
+            x = b.mlp_proj.fused(self.act(b.fc.fused(x, b.ln2, self.eps)), residual=x)
         for s in slots:
             lengths[s] += 1
         if len(slots) != n or ids is not tokens:
             x = x[torch.tensor(slots, device=self.device)]
-        return self._logits(x)
+        return self.head.fused(x, self.ln_f, self.eps)[:, :self.vocab].float()
 
     def allocate(self) -> int:
         return self.cache.allocate()

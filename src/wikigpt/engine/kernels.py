@@ -171,6 +171,18 @@ class Linear:
             return self._padded(x)
         return torch.cat([self._padded(tile) for tile in x.split(TILE_ROWS)])
 
+    def fused(self, x: torch.Tensor, ln: tuple[torch.Tensor, torch.Tensor] | None = None, eps: float = 1e-5,
+              residual: torch.Tensor | None = None) -> torch.Tensor:
+        """[residual +] (layer_norm(x) or x) W^T + b: in one call with int8 weights (quantize.py),
+        as separate calls otherwise."""
+        if self.int8 is not None:
+            y = self.int8(x, ln, eps, residual)
+            return y if self.float_rows else y.to(x.dtype)
+        if ln is not None:
+            x = F.layer_norm(x, (x.shape[-1],), *ln, eps)
+        y = self(x)
+        return y if residual is None else residual + y
+
     def _padded(self, x: torch.Tensor) -> torch.Tensor:
         """x's rows padded with zeros to the next multiple of ROW_STEP, the padding's rows dropped."""
         rows = x.shape[0]
