@@ -181,6 +181,28 @@ def test_int8_forward_logits_stay_close_to_full_precision(tiny_lm):
     assert (a - b).abs().max() < 0.05 * a.abs().max()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_decoding_at_every_row_count_matches_separate_norm_and_add_calls(tiny_lm, dtype):
+    """The layer norm and residual add run inside the int8 call (our kernel) or beside it
+    (FBGEMM, above the row count ours serves); both must equal the separate calls, in float32
+    and with a bf16 model (bf16 norms and residuals, float32 products)."""
+    cfg = tiny_lm.model.config
+    cache = SlotKVCache(cfg.n_layer, 9, cfg.n_head, cfg.n_positions, cfg.n_embd // cfg.n_head, dtype, "cpu")
+    fw = GPT2Forward(tiny_lm.model, cache, dtype, Kernels(int8=True))
+    head = fw.head
+    with torch.inference_mode():
+        for rows in (1, 2, 8):
+            x = torch.randn(rows, cfg.n_embd).to(dtype)
+            res = torch.randn(rows, head.int8.shape[0]).to(dtype)
+            ln = tuple(t.to(dtype) for t in fw.ln_f)
+            separate = head(F.layer_norm(x.float(), (cfg.n_embd,), *(t.float() for t in ln), fw.eps)) + res.float()
+            torch.testing.assert_close(head.fused(x, ln, fw.eps, res), separate, rtol=0.02, atol=0.02)
+            slots = [fw.allocate() for _ in range(rows)]
+            fw.prefill(slots, [[5, 6, 7]] * rows)
+            assert torch.isfinite(fw.decode(slots, torch.tensor([8] * rows))).all()
+            fw.release(slots)
+
+
 def test_auto_keeps_the_faster_forward_and_says_so(tiny_lm):
     engine = Engine(tiny_lm, max_batch_size=2, queue_size=2, quantization="auto").start()
     try:

@@ -181,7 +181,7 @@ class Int8Weight:
             ln_w, ln_b = ln if ln is not None else (None, None)
             return torch.ops.wikigpt.q8_linear(x, self.q, self.scale, self.bias, self.path, ln_w, ln_b, eps, residual)
         if ln is not None:
-            x = torch.nn.functional.layer_norm(x, (x.shape[1],), *ln, eps)
+            x = torch.nn.functional.layer_norm(x, (x.shape[1],), ln[0].float(), ln[1].float(), eps)
         y = torch.ops.quantized.linear_dynamic(x, self.packed, False)
         return y if residual is None else y + residual
 
