@@ -165,3 +165,25 @@ def test_bfloat16_serving_stays_close_to_float32(tiny_lm):
         eng.stop()
     assert eng.forward.dtype == torch.bfloat16 and eng.info()["dtype"] == "bfloat16"
     assert all(texts)
+
+
+def test_an_engine_whose_build_fails_half_way_refuses_requests_with_a_clear_error(tiny_lm, monkeypatch):
+    """A failure after the forward exists (here the int8 measurement) must not leave a
+    half-built engine that then fails each request with an internal TypeError."""
+    from wikigpt.errors import EngineError
+
+    def boom(self, model, cache):
+        raise RuntimeError("measurement failed")
+
+    monkeypatch.setattr(Engine, "_choose_int8", boom)
+    engine = Engine(tiny_lm, max_batch_size=2, queue_size=2, quantization="int8").start()
+    try:
+        assert engine.ready.wait(60)
+
+        async def complete():
+            return await engine.submit("Data science is", SamplingParams(max_new_tokens=2)).text()
+
+        with pytest.raises(EngineError, match="could not be prepared"):
+            asyncio.run(complete())
+    finally:
+        engine.stop()

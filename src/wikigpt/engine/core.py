@@ -305,6 +305,7 @@ class Engine:
                 self._build()
             except Exception:  # every request below then fails with a clear error
                 log.exception("building the engine failed")
+                self.forward = None  # a half-built engine (forward set, history not) serves nothing
             self.ready.set()
             while True:
                 new = self._admit()
