@@ -316,9 +316,10 @@ class Engine:
                         raise EngineError("the model could not be prepared for serving; see the server log")
                     self._step(new)
                     self._flush()
-                except Exception:
+                except Exception as exc:
                     log.exception("decoding step failed; dropping the batch")
-                    self._fail(self._running + new)
+                    # a typed error's message is written for users; anything else stays in the log
+                    self._fail(self._running + new, exc if isinstance(exc, EngineError) else None)
 
     def _emit(self, r: Request, chunk: Chunk) -> None:
         self._outbox.append((r, chunk))
@@ -337,10 +338,10 @@ class Engine:
                 for r, _ in items:
                     r.cancelled = True
 
-    def _fail(self, rows: list[Request]) -> None:
+    def _fail(self, rows: list[Request], error: EngineError | None = None) -> None:
         self._flush()
         for r in {r.id: r for r in rows}.values():
-            r.push(EngineError("internal error while generating; the request was dropped"))
+            r.push(error or EngineError("internal error while generating; the request was dropped"))
         if self.forward is not None:
             self.forward.release(sorted({r.slot for r in rows if r.slot >= 0}))
         self._running = []
