@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
 import warnings
 from dataclasses import dataclass
 
@@ -49,7 +48,6 @@ class Backends:
     q8_why: str | None  # why our kernel does not run, if it does not
     fbgemm_exact: bool  # FBGEMM runs here with 8-bit activations that do not saturate
     q8_rows: int  # calls of up to this many rows take our kernel, larger ones FBGEMM (if exact)
-    timing: str = ""  # what the measurement found, for the logs and the API's `/`
 
     def describe(self) -> str:
         ours = f"wikigpt q8 kernel ({q8kernel.PATHS[self.q8_path]}, int8 activations per block of 32)" \
@@ -69,6 +67,8 @@ def backends() -> Backends:
             return Backends(None, q8_why, False, 0)
         log.warning("int8 products: wikigpt's kernel is unavailable (%s); FBGEMM's are used", q8_why)
         return Backends(None, q8_why, True, 0)
+    from .engine.kernels import best_times  # the engine's interleaved timer (it imports this module)
+
     # Decoding reads weights that do not fit in cache: the candidates are timed over 40 of
     # DistilGPT2's 768 x 3072 products (40 x 2.4 MB = 94 MB, more than the L3 of the CPUs we
     # run on); a single cache-resident weight would time the caches instead of memory.
@@ -80,7 +80,7 @@ def backends() -> Backends:
         return lambda: [torch.ops.wikigpt.q8_linear(x, q, scale, None, path) for q in qs]
 
     x1 = torch.randn(1, 3072, generator=g)
-    times = dict(zip(q8kernel.paths(), _best_times(*(ours(x1, p) for p in q8kernel.paths()))))
+    times = dict(zip(q8kernel.paths(), best_times(*(ours(x1, p) for p in q8kernel.paths()), runs=8)))
     path = min(times, key=times.get)
     found = [", ".join(f"{q8kernel.PATHS[p]} {t * 1e3:.2f}" for p, t in times.items()) + " ms at 1 row"]
     rows = 1 << 30
@@ -89,15 +89,15 @@ def backends() -> Backends:
         rows = 0
         for n in (1, 2, 4, 8, 16, 32):
             x = torch.randn(n, 3072, generator=g)
-            t_ours, t_fbgemm = _best_times(ours(x, path),
-                                           lambda: [torch.ops.quantized.linear_dynamic(x, p, False) for p in packed])
+            t_ours, t_fbgemm = best_times(ours(x, path),
+                                          lambda: [torch.ops.quantized.linear_dynamic(x, p, False) for p in packed],
+                                          runs=8)
             found.append(f"{n} rows q8/FBGEMM {t_ours * 1e3:.2f}/{t_fbgemm * 1e3:.2f} ms")
             if t_ours >= t_fbgemm:
                 break
             rows = n
-    timing = "; ".join(found)
-    log.info("int8 products: %s", timing)
-    return Backends(path, None, fbgemm_exact, rows, timing)
+    log.info("int8 products: %s", "; ".join(found))
+    return Backends(path, None, fbgemm_exact, rows)
 
 
 def unavailable() -> str | None:
@@ -107,19 +107,6 @@ def unavailable() -> str | None:
         return None
     return (f"wikigpt's int8 kernel is unavailable ({b.q8_why}) and FBGEMM's 8-bit activations "
             "saturate on this CPU (no VNNI)")
-
-
-def _best_times(*fns, runs: int = 8) -> list[float]:
-    """Best time of each, the calls interleaved (a burst of load elsewhere slows all alike)."""
-    for fn in fns:
-        fn()
-    best = [float("inf")] * len(fns)
-    for _ in range(runs):
-        for i, fn in enumerate(fns):
-            start = time.perf_counter()
-            fn()
-            best[i] = min(best[i], time.perf_counter() - start)
-    return best
 
 
 def _quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
