@@ -30,6 +30,13 @@ from wikigpt.textfilter import clean_continuation
 from wikigpt.settings import SamplingParams, ServeSettings
 
 
+# float32 weights, as the in-process test servers: the gateway sends a request's prompts and n
+# choices as separate upstream requests, so they share a batch there or not. bf16 rounding (a CPU
+# with native bf16 would serve it) and FBGEMM's int8 (one activation scale per call; "auto"
+# chooses int8 where the start-up timing says so) make a row's numbers depend on its batch.
+BATCH_INVARIANT = ("--dtype", "float32", "--quantization", "none")
+
+
 class Upstream:
     """`wikigpt serve` in a subprocess on a free loopback port, ready when constructed."""
 
@@ -73,7 +80,7 @@ def served(mode: str, lm, model_dir, **settings):
         finally:
             srv.close()
         return
-    up = Upstream(model_dir, "--dtype", "float32")
+    up = Upstream(model_dir, *BATCH_INVARIANT)
     srv = gateway(up.url, **settings)
     try:
         yield srv.url
@@ -141,10 +148,7 @@ def scored_both_ways(srv: LiveServer, **args) -> tuple[list[dict], object, str, 
 
 @pytest.fixture(scope="module")
 def upstream(tiny_model_dir):
-    # float32, as the in-process test servers: a CPU with native bf16 would serve bf16, whose
-    # numbers (and so seeded samples) change with how requests share a batch, and the gateway
-    # sends a request's n choices as separate upstream requests that may or may not
-    up = Upstream(tiny_model_dir, "--dtype", "float32")
+    up = Upstream(tiny_model_dir, *BATCH_INVARIANT)
     yield up
     up.kill()
 

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from . import q8kernel
+from .timing import best_times
 
 log = logging.getLogger("wikigpt.engine")
 
@@ -67,8 +68,6 @@ def backends() -> Backends:
             return Backends(None, q8_why, False, 0)
         log.warning("int8 products: wikigpt's kernel is unavailable (%s); FBGEMM's are used", q8_why)
         return Backends(None, q8_why, True, 0)
-    from .engine.kernels import best_times  # the engine's interleaved timer (it imports this module)
-
     # Decoding reads weights that do not fit in cache: the candidates are timed over 40 of
     # DistilGPT2's 768 x 3072 products (40 x 2.4 MB = 94 MB, more than the L3 of the CPUs we
     # run on); a single cache-resident weight would time the caches instead of memory.

@@ -33,7 +33,8 @@ from ..quantize import unavailable as quantize_unavailable
 from ..settings import SamplingParams
 from .gpt2 import GPT2Forward, SplitForward, padded_head, unsupported_reason
 from .hf import HFForward
-from .kernels import Kernels, best_times, choose_kernels
+from ..timing import best_times
+from .kernels import Kernels, choose_kernels
 from .kv_cache import SlotKVCache
 from .output import Chunk, RequestOutput, token_logprobs
 from .request import Request, RequestStream, deliver

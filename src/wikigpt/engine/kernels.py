@@ -15,7 +15,6 @@ weight and kept only where it is faster and gives the same numbers.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -25,6 +24,7 @@ from torch.fx.experimental import _config as fx_config
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from ..quantize import Int8Weight, backends
+from ..timing import best_times
 
 log = logging.getLogger("wikigpt.engine")
 
@@ -200,22 +200,6 @@ class Linear:
 def _pack(weight: torch.Tensor) -> torch.Tensor:
     # the batch-size hint only tunes the blocking; the packed weight serves any row count
     return torch.ops.mkldnn._reorder_linear_weight(weight, 32)
-
-
-def best_times(*fns: Callable[[], torch.Tensor], seconds: float = 0.6, runs: int = 20) -> list[float]:
-    """Best time of each candidate, the calls interleaved (a, b, a, b, ...) so that a burst
-    of load from elsewhere on the machine slows both alike instead of deciding the choice."""
-    for fn in fns:
-        fn()  # first call: kernel selection, compilation
-    best, deadline = [float("inf")] * len(fns), time.perf_counter() + seconds
-    for _ in range(runs):
-        for i, fn in enumerate(fns):
-            start = time.perf_counter()
-            fn()
-            best[i] = min(best[i], time.perf_counter() - start)
-        if time.perf_counter() > deadline:
-            break
-    return best
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
