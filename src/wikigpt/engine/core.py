@@ -31,9 +31,9 @@ from ..outputs import Backlog
 from ..quantize import quantize_model
 from ..quantize import unavailable as quantize_unavailable
 from ..settings import SamplingParams
+from ..timing import best_times
 from .gpt2 import GPT2Forward, SplitForward, padded_head, unsupported_reason
 from .hf import HFForward
-from ..timing import best_times
 from .kernels import Kernels, choose_kernels
 from .kv_cache import SlotKVCache
 from .output import Chunk, RequestOutput, token_logprobs
