@@ -36,7 +36,8 @@ class VLLM:
             self.proc = subprocess.Popen(
                 [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
                  "--dtype", os.environ.get("WIKIGPT_VLLM_DTYPE", "bfloat16"), "--max-model-len", "1024",
-                 "--host", "127.0.0.1", "--port", self.url.rsplit(":", 1)[1], "--enable-log-requests"],
+                 "--host", "127.0.0.1", "--port", self.url.rsplit(":", 1)[1], "--enable-log-requests",
+                 "--enable-prompt-tokens-details"],  # usage.prompt_tokens_details.cached_tokens (its prefix cache)
                 env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 600
         while True:
@@ -106,6 +107,18 @@ def test_the_original_contract_with_our_defaults_served_by_vllm(gw, vllm):
     root = httpx.get(gw.url + "/").json()
     assert root["ready"] is True and root["context_length"] == 1024 and root["upstream"] == vllm.url
     assert [m["id"] for m in httpx.get(gw.url + "/v1/models").json()["data"]] == [vllm.model]
+
+
+def test_vllms_cached_prompt_tokens_pass_through(gw, vllm):
+    """vLLM's automatic prefix caching reports the whole blocks it reused (128 tokens each on its
+    CPU backend: the prompt is longer); the gateway relays its count as
+    usage.prompt_tokens_details.cached_tokens."""
+    body = {"prompt": "The history of the Roman Empire covers the history of ancient Rome " * 16, "max_tokens": 2,
+            "temperature": 0}
+    vllm.complete(**body)
+    direct = vllm.complete(**body)["usage"]["prompt_tokens_details"]["cached_tokens"]
+    via = httpx.post(gw.url + "/v1/completions", json=body, timeout=120).json()["usage"]
+    assert via["prompt_tokens_details"]["cached_tokens"] == direct > 0
 
 
 def test_openai_client_streams_vllm_text_through_our_filter(gw, vllm):

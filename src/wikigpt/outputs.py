@@ -35,6 +35,7 @@ class Chunk:
     completion_tokens: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)  # tokens sampled since the last chunk
     prompt_logprobs: list[TokenLogprob | None] | None = None  # first chunk, when echo was asked
+    cached_tokens: int = 0  # prompt tokens whose keys came from the prefix cache, not computed
 
 
 class Backlog(asyncio.Queue):
@@ -74,6 +75,7 @@ class ChunkStream:
         self._out = queue
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = 0
+        self.cached_tokens = 0  # of prompt_tokens, those the prefix cache held (OpenAI's cached_tokens)
         self.finish_reason: str | None = None
         self.first_token_at: float | None = None
 
@@ -89,6 +91,7 @@ class ChunkStream:
                 if self.first_token_at is None:
                     self.first_token_at = time.perf_counter()
                 self.completion_tokens, self.finish_reason = item.completion_tokens, item.finish_reason
+                self.cached_tokens = max(self.cached_tokens, item.cached_tokens)
                 yield item
         finally:
             if self.finish_reason is None:

@@ -131,6 +131,12 @@ class ServeSettings(ModelSettings):
     CPU only), 'none' (--dtype's), or 'auto': int8 where one sequence's decoding step measures
     faster with it at start-up (GPT-2-family models on a CPU), else none. `GET /` says which.
     Its cost in perplexity: `wikigpt evaluate --quantization int8` (docs/engine.md#int8)."""
+    prefix_caching: bool = True
+    """Keep a finished request's keys and values in its batch slot and start each prompt from
+    the longest prefix a slot holds (a conversation's next turn, one context scored with several
+    continuations, n > 1 choices): only the rest is computed. No memory beyond the preallocated
+    cache; the least recently used slot is forgotten first. `GET /` says whether it is on, and
+    usage.prompt_tokens_details.cached_tokens counts the tokens it supplied."""
     compile: bool = True
     """Let the start-up measurement try torch.compile'd decoding kernels (one-sequence products,
     attention); needs a C++ compiler. The first start compiles for about a minute on 2 cores,

@@ -29,6 +29,7 @@ class Chunk(Protocol):
     completion_tokens: int
     logprobs: list[Any]
     prompt_logprobs: list[Any] | None
+    cached_tokens: int  # of prompt_tokens, those the prefix cache held
 
 
 class CompletionStream(Protocol):
@@ -39,6 +40,7 @@ class CompletionStream(Protocol):
 
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int  # of prompt_tokens, those the prefix cache held (usage.prompt_tokens_details)
     finish_reason: str | None
     first_token_at: float | None  # time.perf_counter() of the first chunk
 

@@ -26,6 +26,10 @@ class Metrics:
                               buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10), registry=r)
         self.generated = Counter("wikigpt_generated_tokens", "Tokens generated", registry=r)
         self.prompt = Counter("wikigpt_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.prompt_cached = Counter("wikigpt_prompt_tokens_cached",
+                                     "Prompt tokens whose keys and values the prefix cache held", registry=r)
+        self.prompt_computed = Counter("wikigpt_prompt_tokens_computed",
+                                       "Prompt tokens computed (not found in the prefix cache)", registry=r)
         self.step_batch = Histogram("wikigpt_batch_size", "Sequences per decoding step",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         Gauge("wikigpt_queue_depth", "Requests waiting for a batch slot",
@@ -46,6 +50,9 @@ class Metrics:
             self.ttft.observe(min(firsts) - started)
         self.generated.inc(sum(s.completion_tokens for s in streams))
         self.prompt.inc(sum(s.prompt_tokens for s in streams))
+        cached = sum(s.cached_tokens for s in streams)
+        self.prompt_cached.inc(cached)
+        self.prompt_computed.inc(sum(s.prompt_tokens for s in streams) - cached)
 
 
 class AccessLog:

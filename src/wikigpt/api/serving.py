@@ -314,10 +314,14 @@ def _scored(echo: str | None, prompt_lp: list | None, scores: list, offset: int)
 
 
 def _usage(streams: Sequence[CompletionStream], n: int) -> dict:
-    """Token counts; a prompt sent n times (n choices) counts once, as OpenAI counts it."""
+    """Token counts; a prompt sent n times (n choices) counts once, as OpenAI counts it, and so
+    do its cached tokens: those the cache held before the request (the fewest of its n copies;
+    the others copy what the first computed)."""
     prompt_tokens = sum(s.prompt_tokens for s in streams[::n])
+    cached = sum(min(s.cached_tokens for s in streams[i:i + n]) for i in range(0, len(streams), n))
     done = sum(s.completion_tokens for s in streams)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done}
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def _retrieve(task: asyncio.Future) -> None:

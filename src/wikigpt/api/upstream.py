@@ -238,6 +238,7 @@ class UpstreamStream(ChunkStream):
         self._client, self._body, self._name = client, body, max_tokens_name
         self._filter, self._reason = ContinuationFilter(stop), None
         self._pieces, self._counted = 0, 0  # text pieces seen; the upstream's own count (usage)
+        self._cached = 0  # usage.prompt_tokens_details.cached_tokens (vLLM's prefix cache)
         self._scores, self._prompt_scores, self._echoed = [], None, not body.get("echo")
         self._opened: asyncio.Future = asyncio.get_running_loop().create_future()
         self._task = asyncio.create_task(self._run())
@@ -324,6 +325,7 @@ class UpstreamStream(ChunkStream):
         if usage := answer.get("usage"):
             self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
             self._counted = int(usage.get("completion_tokens") or 0)
+            self._cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
         for choice in answer.get("choices") or ():
             text, new = choice.get("text") or "", from_openai(choice.get("logprobs"))
             if not self._echoed:
@@ -348,7 +350,7 @@ class UpstreamStream(ChunkStream):
 
     def _put(self, text: str, finish: str | None) -> None:
         if not self._out.offer(Chunk(text, finish, self.prompt_tokens, self._counted or self._pieces,
-                                     self._scores, self._prompt_scores)):
+                                     self._scores, self._prompt_scores, self._cached)):
             raise asyncio.CancelledError  # the reader fell --stream-backlog behind: close the upstream request
         self._scores, self._prompt_scores = [], None
 

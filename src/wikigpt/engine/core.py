@@ -35,7 +35,7 @@ from ..timing import best_times
 from .gpt2 import GPT2Forward, SplitForward, padded_head, unsupported_reason
 from .hf import HFForward
 from .kernels import Kernels, choose_kernels
-from .kv_cache import SlotKVCache
+from .kv_cache import SlotKVCache, common_prefix
 from .output import Chunk, RequestOutput, token_logprobs
 from .request import Request, RequestStream, deliver
 from .sampling import RowSampling, sample
@@ -46,6 +46,7 @@ log = logging.getLogger("wikigpt.engine")
 # requests are admitted (4,096 tokens of DistilGPT2 = 0.7 TFLOP, about a second on 2 cores).
 MAX_PREFILL_TOKENS = 4096
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's completions API allows
+SHARED_PREFIX = 32  # tokens two prompts of one batch must share for the second to wait for the first
 _ids = itertools.count(1)
 
 
@@ -64,8 +65,9 @@ class Engine:
 
     def __init__(self, lm: LoadedModel, *, max_batch_size: int = 32, queue_size: int = 256,
                  dtype: torch.dtype | str | None = None, compile: bool = False, on_step=None,
-                 stream_backlog: int = 256, quantization: str = "none") -> None:
+                 stream_backlog: int = 256, quantization: str = "none", prefix_caching: bool = True) -> None:
         self.lm = lm
+        self.prefix_caching = prefix_caching  # off where the forward cannot extend a slot (_build)
         self.tokenizer = lm.tokenizer
         self.dtype = dtype or lm.dtype  # "auto" is settled by the worker, in _build
         self.compile = compile
@@ -94,6 +96,8 @@ class Engine:
         self.root, self.forwards = lm.name, False
         self.tokens_generated = 0
         self.steps = 0
+        self.prompt_tokens_cached = 0  # prompt positions copied from the cache, not computed
+        self.prompt_tokens_computed = 0
         self.forward: GPT2Forward | HFForward | None = None  # built by the worker (start-up probe)
         self.kernels = Kernels()
         self._waiting: deque[Request] = deque()
@@ -125,7 +129,7 @@ class Engine:
             kernels += f"; {self.int8_timing}"
         return {"dtype": str(self.dtype).removeprefix("torch."), "device": str(self.lm.device),
                 "quantization": self.quantization, "forward": type(self.forward).__name__ if self.forward else None,
-                "kernels": kernels}
+                "kernels": kernels, "prefix_caching": self.prefix_caching}
 
     def encode(self, text: str) -> list[int]:
         return self._encoder.encode(text)
@@ -246,6 +250,9 @@ class Engine:
         self.forward.prefill([slot], [[self.eos_id] * 4])
         self.forward.decode([slot], torch.tensor([self.eos_id], device=self.lm.device))
         self.forward.release([slot])
+        self.prefix_caching = self.prefix_caching and hasattr(self.forward, "allocate_for")
+        if self.prefix_caching:
+            self.forward.cache.forget()  # the probes' prompts are nobody's
         log.info("engine: %s", self.info())
 
     def _int8_unavailable(self) -> str | None:
@@ -344,7 +351,7 @@ class Engine:
         for r in {r.id: r for r in rows}.values():
             r.push(error or EngineError("internal error while generating; the request was dropped"))
         if self.forward is not None:
-            self.forward.release(sorted({r.slot for r in rows if r.slot >= 0}))
+            self._release([r for r in {r.id: r for r in rows}.values() if r.slot >= 0])
         self._running = []
 
     def _admit(self) -> list[Request] | None:
@@ -373,7 +380,7 @@ class Engine:
         t0 = time.perf_counter()
         gone = [r for r in self._running if r.cancelled]
         if gone:
-            self.forward.release([r.slot for r in gone])
+            self._release(gone)
             self._running = [r for r in self._running if not r.cancelled]
         running, dev = self._running, self.lm.device
         if not running and not new:
@@ -390,39 +397,91 @@ class Engine:
         if scored_only:  # prompt scores are all they asked for: done before any sampling
             for r in scored_only:
                 self._emit(r, r.output.chunk("", "length"))
-            self.forward.release([r.slot for r in scored_only])
+            self._release(scored_only)
             keep = [i for i, r in enumerate(rows) if not r.score_only]
             rows, logits = [rows[i] for i in keep], logits[keep]
             if not rows:
                 return
         tokens = self._sample(rows, logits)
         self._running = [r for r, t in zip(rows, tokens) if self._advance(r, t)]
-        done = [r.slot for r in rows if r not in self._running]
+        done = [r for r in rows if r not in self._running]
         if done:
-            self.forward.release(done)
+            self._release(done)
         self.tokens_generated += len(rows)
         self.steps += 1
         if self.on_step is not None:
             self.on_step(len(rows), sum(len(r.prompt_ids) for r in new), time.perf_counter() - t0)
 
+    def _release(self, rows: list[Request]) -> None:
+        """Free the rows' slots; with prefix caching each slot remembers the ids it holds."""
+        slots = [r.slot for r in rows]
+        if self.prefix_caching:
+            self.forward.release(slots, [r.prompt_ids + r.output.tokens for r in rows])
+        else:
+            self.forward.release(slots)
+
     def _prefill(self, new: list[Request]) -> tuple[list[Request], torch.Tensor]:
         """Give new requests a slot and prefill them: plain ones keep the last position's
-        logits only, those that asked for prompt scores keep every position's."""
+        logits only, those that asked for prompt scores keep every position's. With prefix
+        caching each starts from the longest prefix a slot holds; prompts of this batch that
+        share a prefix with an earlier one (n > 1 choices, one context with several
+        continuations) wait for a second pass, which finds it cached."""
+        first, done = [], []
+        for wave in self._waves(new):
+            plain, echo = [r for r in wave if not r.echo], [r for r in wave if r.echo]
+            if plain:
+                self._allocate(plain)
+                first.append(self.forward.prefill([r.slot for r in plain], [r.prompt_ids for r in plain]))
+            if echo:
+                self._allocate(echo)
+                every = self.forward.prefill([r.slot for r in echo], [r.prompt_ids for r in echo], every_position=True)
+                for r, logits in zip(echo, every):
+                    self._score_prompt(r, logits)
+                first.append(torch.stack([logits[-1] for logits in every]))
+            done += plain + echo
+        return done, torch.cat(first)
+
+    def _waves(self, new: list[Request]) -> list[list[Request]]:
+        """[new] without prefix caching; else the requests sharing at least SHARED_PREFIX tokens
+        with an earlier one of the batch go in a second wave (a second pass costs one more call
+        per layer, ~1 ms; 32 shared positions of DistilGPT2 cost ~10 ms to compute)."""
+        if not self.prefix_caching or len(new) < 2:
+            return [new]
+        firsts, later = [], []
         for r in new:
-            r.slot = self.forward.allocate()
+            shares = any(common_prefix(f.prompt_ids, r.prompt_ids) >= SHARED_PREFIX for f in firsts)
+            (later if shares else firsts).append(r)
+        return [firsts, later] if later else [firsts]
+
+    def _allocate(self, rows: list[Request]) -> None:
+        """A slot per request and, with prefix caching, the longest prefix found of its prompt
+        but the last token (whose logits give the first sample). A scoring request keeps a cached
+        position only where the cache also holds the score of the token after it."""
+        cache = getattr(self.forward, "cache", None)
+        for r in rows:
+            if self.prefix_caching:
+                r.slot, n = self.forward.allocate_for(r.prompt_ids[:-1])
+                if r.echo:  # positions 0 .. n-1 kept need the scores of tokens 1 .. n
+                    k, scores = cache.scores[r.slot] or (None, [])
+                    n = min(n - 1, len(scores)) if k == r.logprobs and n > 1 else 0
+                    cache.truncate(r.slot, n)
+                r.output.cached_tokens = n
+            else:
+                r.slot = self.forward.allocate()
             self._history[r.slot] = r.prompt_ids[0]  # padding that is a no-op for the penalty
             self._history[r.slot, :len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
-        plain, echo = [r for r in new if not r.echo], [r for r in new if r.echo]
-        first = []
-        if plain:
-            first.append(self.forward.prefill([r.slot for r in plain], [r.prompt_ids for r in plain]))
-        if echo:
-            every = self.forward.prefill([r.slot for r in echo], [r.prompt_ids for r in echo], every_position=True)
-            for r, logits in zip(echo, every):
-                scores = token_logprobs(self._decode, logits[:-1].log_softmax(-1), r.prompt_ids[1:], r.logprobs)
-                r.output.prompt_logprobs = [None, *scores]  # the first token has no context to score
-            first.append(torch.stack([logits[-1] for logits in every]))
-        return plain + echo, torch.cat(first)
+            self.prompt_tokens_cached += r.output.cached_tokens
+            self.prompt_tokens_computed += len(r.prompt_ids) - r.output.cached_tokens
+
+    def _score_prompt(self, r: Request, logits: torch.Tensor) -> None:
+        """Prompt scores from the logits of the computed positions n .. len-1 (row i scores
+        token n + i + 1) after the n cached ones' remembered scores."""
+        n = r.output.cached_tokens
+        cached = self.forward.cache.scores[r.slot][1][:n] if n else []
+        scores = token_logprobs(self._decode, logits[:-1].log_softmax(-1), r.prompt_ids[n + 1:], r.logprobs)
+        r.output.prompt_logprobs = [None, *cached, *scores]  # the first token has no context to score
+        if self.prefix_caching:
+            self.forward.cache.remember(r.slot, r.prompt_ids, (r.logprobs, r.output.prompt_logprobs[1:]))
 
     def _sample(self, rows: list[Request], logits: torch.Tensor) -> list[int]:
         slots = torch.tensor([r.slot for r in rows], device=logits.device)

@@ -111,7 +111,12 @@ class GPT2Forward:
     def prefill(self, slots: list[int], prompts: list[list[int]], every_position: bool = False):
         """Run the prompts (right-padded into one batch), store their keys and values in their
         slots and return the logits of each prompt's last token [n, vocab], or with
-        `every_position` a list of each prompt's logits at all of its positions [len, vocab]."""
+        `every_position` a list of each prompt's logits at all of its positions [len, vocab].
+        A slot that already holds keys (cache.lengths, from a cached prefix) keeps them: only
+        the positions after them are computed (and, with `every_position`, returned)."""
+        starts = [self.cache.lengths[s] for s in slots]
+        if any(starts):
+            return self._extend(slots, prompts, starts, every_position)
         n, width = len(prompts), max(len(p) for p in prompts)
         ids = torch.zeros(n, width, dtype=torch.long)
         for i, p in enumerate(prompts):
@@ -129,11 +134,44 @@ class GPT2Forward:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             x = x + b.attn_proj(y.transpose(1, 2).reshape(n * width, self.dim))
             x = self._mlp(x, b)
+        return self._prefilled(slots, prompts, x, width, every_position)
+
+    def _extend(self, slots: list[int], prompts: list[list[int]], starts: list[int], every_position: bool):
+        """Prefill of the positions after each slot's cached prefix: prompt i's new tokens sit at
+        positions starts[i]..len-1 and attend over the cache, where the prefix already is."""
+        n, width = len(prompts), max(len(p) - s for p, s in zip(prompts, starts))
+        span = max(len(p) for p in prompts)
+        ids = torch.zeros(n, width, dtype=torch.long)
+        pos = torch.zeros(n, width, dtype=torch.long)
+        for i, (p, s) in enumerate(zip(prompts, starts)):
+            ids[i, :len(p) - s] = torch.tensor(p[s:])
+            pos[i] = torch.arange(s, s + width).clamp_(max=span - 1)  # padding: any valid position
+        ids, pos = ids.to(self.device), pos.to(self.device)
+        # query t of row i sees keys 0 .. its own position; padding queries see garbage nobody reads
+        mask = (torch.arange(span, device=self.device)[None, None] <= pos[:, :, None])[:, None]  # [n, 1, w, span]
+        rows = torch.tensor(slots, device=self.device)
+        h, hd = self.n_head, self.dim // self.n_head
+        x = (self.wte[ids] + self.wpe[pos]).view(n * width, self.dim)
+        for layer, b in enumerate(self.blocks):
+            q, k, v = b.qkv(self._norm(x, b.ln1)).view(n, width, 3, h, hd).permute(2, 0, 3, 1, 4)
+            keys, values = self.cache.keys[layer], self.cache.values[layer]
+            for i, (p, s) in enumerate(zip(prompts, starts)):
+                keys[slots[i], :, s:len(p)] = k[i, :, :len(p) - s]
+                values[slots[i], :, s:len(p)] = v[i, :, :len(p) - s]
+            y = F.scaled_dot_product_attention(q, keys[rows, :, :span], values[rows, :, :span], attn_mask=mask)
+            x = x + b.attn_proj(y.transpose(1, 2).reshape(n * width, self.dim))
+            x = self._mlp(x, b)
+        computed = [p[s:] for p, s in zip(prompts, starts)]
+        return self._prefilled(slots, prompts, x, width, every_position, computed)
+
+    def _prefilled(self, slots, prompts, x, width, every_position, computed=None):
+        computed = computed or prompts
         for s, p in zip(slots, prompts):
             self.cache.lengths[s] = len(p)
+            self.cache.remember(s, p)
         if every_position:
-            return [self._logits(x[i * width:i * width + len(p)]) for i, p in enumerate(prompts)]
-        last = torch.tensor([i * width + len(p) - 1 for i, p in enumerate(prompts)], device=self.device)
+            return [self._logits(x[i * width:i * width + len(c)]) for i, c in enumerate(computed)]
+        last = torch.tensor([i * width + len(c) - 1 for i, c in enumerate(computed)], device=self.device)
         return self._logits(x[last])
 
     def decode(self, slots: list[int], tokens: torch.Tensor) -> torch.Tensor:
@@ -173,9 +211,12 @@ class GPT2Forward:
     def allocate(self) -> int:
         return self.cache.allocate()
 
-    def release(self, slots: list[int]) -> None:
-        for s in slots:
-            self.cache.release(s)
+    def allocate_for(self, ids: list[int]) -> tuple[int, int]:
+        return self.cache.allocate_for(ids)
+
+    def release(self, slots: list[int], held: list[list[int]] | None = None) -> None:
+        for i, s in enumerate(slots):
+            self.cache.release(s, held[i] if held else None)
 
 
 class SplitForward:
@@ -196,8 +237,11 @@ class SplitForward:
     def allocate(self) -> int:
         return self.cache.allocate()
 
-    def release(self, slots: list[int]) -> None:
-        self.large.release(slots)
+    def allocate_for(self, ids: list[int]) -> tuple[int, int]:
+        return self.cache.allocate_for(ids)
+
+    def release(self, slots: list[int], held: list[list[int]] | None = None) -> None:
+        self.large.release(slots, held)
 
 
 class _OneRow:

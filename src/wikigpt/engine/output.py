@@ -45,6 +45,7 @@ class RequestOutput:
         self._decode = decode
         self.filter = ContinuationFilter(stop)
         self.prompt_tokens = prompt_tokens
+        self.cached_tokens = 0  # of them, those a prefix-cache hit supplied (set when prefilled)
         self.tokens: list[int] = []
         self.pending: list[TokenLogprob] = []  # scored tokens not yet handed out in a chunk
         self.prompt_logprobs: list[TokenLogprob | None] | None = None
@@ -68,7 +69,8 @@ class RequestOutput:
         return text + self.filter.finish()
 
     def chunk(self, text: str, finish_reason: str | None = None) -> Chunk:
-        c = Chunk(text, finish_reason, self.prompt_tokens, len(self.tokens), self.pending, self.prompt_logprobs)
+        c = Chunk(text, finish_reason, self.prompt_tokens, len(self.tokens), self.pending, self.prompt_logprobs,
+                  self.cached_tokens)
         self.pending, self.prompt_logprobs = [], None
         return c
 
