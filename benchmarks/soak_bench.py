@@ -8,7 +8,8 @@
 It starts `wikigpt serve` as a subprocess (default model: a small random GPT-2 with the real
 GPT-2 tokenizer, so per-request objects are realistic and the run is not bound by matmuls; pass
 --model for any other), warms it up, then sends the operator's mix from --clients concurrent
-clients: prompts of 1-60 words, 1-48 tokens, greedy and sampled; /predict, non-streamed and
+clients: prompts of 1-60 words (a third of them an earlier prompt of the same client again, or
+it plus more words: prefix-cache hits and evictions), 1-48 tokens, greedy and sampled; /predict, non-streamed and
 streamed completions, `n: 2`, `logprobs` + `echo`, stop strings, and streams whose client hangs
 up after the first event. After each round it prints the server's RSS, open file descriptors
 and threads (from /proc), requests per second and errors; the last line compares the end with
@@ -46,9 +47,17 @@ class Tally:
     by_kind: dict[str, int] = field(default_factory=dict)
 
 
-def body_for(kind: str, rng: random.Random) -> tuple[str, dict]:
-    """One request of the mix: (path, JSON body)."""
+def body_for(kind: str, rng: random.Random, earlier: list[str] | None = None) -> tuple[str, dict]:
+    """One request of the mix: (path, JSON body). With `earlier` (prompts sent before, at most
+    64 kept), a third of the prompts are an earlier one again, or it plus a few words (the next
+    turn of a conversation): the prefix cache's hits, misses and evictions all happen."""
     prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 60)))
+    if earlier is not None:
+        if earlier and rng.random() < 1 / 3:
+            prompt = rng.choice(earlier) + ("" if rng.random() < 0.5 else " " + prompt[:rng.randint(0, 60)])
+            prompt = " ".join(prompt.split()[:90])  # a bounded conversation: ~380 tokens at most
+        earlier.append(prompt)
+        del earlier[:-64]
     tokens = rng.randint(1, 48)
     if kind == "predict":
         return "/predict", {"text": prompt, "max_new_tokens": tokens}
@@ -66,8 +75,9 @@ def body_for(kind: str, rng: random.Random) -> tuple[str, dict]:
     return "/v1/completions", body
 
 
-async def one(session: aiohttp.ClientSession, url: str, kind: str, rng: random.Random, tally: Tally) -> None:
-    path, body = body_for(kind, rng)
+async def one(session: aiohttp.ClientSession, url: str, kind: str, rng: random.Random, tally: Tally,
+              earlier: list[str] | None = None) -> None:
+    path, body = body_for(kind, rng, earlier)
     try:
         async with session.post(url + path, data=json.dumps(body)) as r:
             if r.status != 200:
@@ -96,12 +106,12 @@ async def run_mix(url: str, requests: int, clients: int, seed: int, deadline: fl
     timeout = aiohttp.ClientTimeout(total=120)
 
     async def client(i: int) -> None:
-        rng = random.Random(seed * 1000 + i)
+        rng, earlier = random.Random(seed * 1000 + i), []  # each client's own conversations
         async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=1)) as session:
             for _ in counter:
                 if deadline is not None and time.monotonic() > deadline:
                     return
-                await one(session, url, rng.choice(KINDS), rng, tally)
+                await one(session, url, rng.choice(KINDS), rng, tally, earlier)
 
     await asyncio.gather(*(client(i) for i in range(clients)))
     return tally

@@ -30,8 +30,12 @@ class SlotKVCache:
     def __init__(self, n_layer: int, slots: int, n_head: int, context: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device) -> None:
         shape = (slots, n_head, context, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        # one buffer, so that moving a slot's positions is one copy call for every layer's keys
+        # and values, not 2 x n_layer: each call is a parallel region that a core taken by
+        # another process stalls (~8 ms a call measured with a second busy process on 2 cores)
+        self.kv = torch.zeros((2, n_layer, *shape), dtype=dtype, device=device)
+        self.keys = list(self.kv[0].unbind(0))  # [slots, heads, context, head dim] views per layer
+        self.values = list(self.kv[1].unbind(0))
         self.lengths = [0] * slots  # tokens held per slot
         self.held: list[list[int]] = [[] for _ in range(slots)]  # their ids, kept after release
         # per slot, scores of held tokens 1.. (entry j scores held[j + 1]) and their top-k, from
@@ -107,9 +111,7 @@ class SlotKVCache:
         self._touch(slot)
 
     def copy(self, src: int, dst: int, n: int) -> None:
-        for keys, values in zip(self.keys, self.values):
-            keys[dst, :, :n] = keys[src, :, :n]
-            values[dst, :, :n] = values[src, :, :n]
+        self.kv[:, :, dst, :, :n] = self.kv[:, :, src, :, :n]
 
     def _move(self, src: int, dst: int) -> None:
         self.copy(src, dst, len(self.held[src]))
@@ -117,10 +119,9 @@ class SlotKVCache:
 
     def _swap(self, a: int, b: int) -> None:
         n = len(self.held[b])
-        saved = [(k[b, :, :n].clone(), v[b, :, :n].clone()) for k, v in zip(self.keys, self.values)]
+        saved = self.kv[:, :, b, :, :n].clone()
         self.copy(a, b, len(self.held[a]))
-        for (k, v), (sk, sv) in zip(zip(self.keys, self.values), saved):
-            k[a, :, :n], v[a, :, :n] = sk, sv
+        self.kv[:, :, a, :, :n] = saved
         self.held[a], self.held[b] = self.held[b], self.held[a]
         self.scores[a], self.scores[b] = self.scores[b], self.scores[a]
         self._used[a], self._used[b] = self._used[b], self._used[a]
