@@ -165,7 +165,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=20_000, help="test tokens scored per model (default 20,000)")
     ap.add_argument("--stride", type=int, default=None, help="default: 512 or half the window")
     ap.add_argument("--outliers", type=float, default=OUTLIER_SCALE,
-                    help=f"also each model with outlier channels this many times larger (default {OUTLIER_SCALE:g}; 0: none)")
+                    help=f"also each model with outlier channels this many times larger "
+                         f"(default {OUTLIER_SCALE:g}; 0: none)")
     args = ap.parse_args()
     transformers.utils.logging.set_verbosity_error()
     text = (DATA / "wiki.test.raw").read_text(encoding="utf-8")
