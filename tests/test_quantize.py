@@ -281,3 +281,36 @@ def test_other_architectures_get_int8_when_asked_and_match_an_int8_transformers_
         assert not any(isinstance(m, torch.nn.Linear) for m in engine.forward.model.modules())
     finally:
         engine.stop()
+
+
+@pytest.mark.parametrize("s", [32.0, 20.0])
+def test_quant_bench_outlier_rescale_keeps_the_float32_logits(s):
+    """benchmarks/quant_bench.py's outlier model: the same function, with the outlier channels
+    of every product input s times larger and the other channels unchanged."""
+    from transformers import GPT2Config, GPT2LMHeadModel, set_seed
+
+    from benchmarks.quant_bench import OUTLIER_CHANNELS, add_outliers
+
+    set_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=96, n_positions=64, n_embd=64, n_layer=2, n_head=4)).eval()
+    with torch.no_grad():  # trained layer norms: gains and biases away from 1 and 0
+        for ln in (m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)):
+            ln.weight.uniform_(0.5, 1.5)
+            ln.bias.normal_(0, 0.1)
+    outliers = add_outliers(copy.deepcopy(model), s)
+    ids = torch.randint(0, 96, (2, 48), generator=torch.Generator().manual_seed(0))
+    inputs = {}
+    for key, m in (("before", model), ("after", outliers)):
+        for i, block in enumerate(m.transformer.h):
+            for name, product in (("c_attn", block.attn.c_attn), ("c_fc", block.mlp.c_fc)):
+                product.register_forward_pre_hook(lambda _, a, k=(key, i, name): inputs.__setitem__(k, a[0]))
+    with torch.inference_mode():
+        ref, got = model(ids).logits, outliers(ids).logits
+    assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
+    channels = sorted({c % 64 for c in OUTLIER_CHANNELS})
+    others = [c for c in range(64) if c not in channels]
+    for (key, i, name), after in inputs.items():
+        if key == "after":
+            before = inputs["before", i, name]
+            torch.testing.assert_close(after[..., channels], s * before[..., channels], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(after[..., others], before[..., others], rtol=1e-5, atol=1e-5)
