@@ -184,11 +184,14 @@ class GPT2Forward:
             return self.one_row(slots[0], tokens)
         lengths = self.cache.lengths
         n = max(slots) + 1
+        real = None
         if len(slots) == n and slots == sorted(slots):
             ids = tokens
-        else:  # free slots below the highest used one ride along as dummy rows
+        else:  # free slots below the highest used one ride along as dummy rows, which must
+            # not write their keys: a free slot may hold a remembered prefix (prefix caching)
             ids = torch.zeros(n, dtype=torch.long, device=self.device)
             ids[slots] = tokens
+            real = torch.tensor(slots, device=self.device)
         pos_list = lengths[:n]
         pos = torch.tensor(pos_list, device=self.device)
         span = max(pos_list) + 1  # attend over [0, longest row]; shorter rows are masked
@@ -201,8 +204,10 @@ class GPT2Forward:
             keys, values = self.cache.keys[layer], self.cache.values[layer]
             if n == 1:  # a plain copy: indexing by tensors costs ~15 us more per write
                 keys[0, :, pos_list[0]], values[0, :, pos_list[0]] = k[0], v[0]
-            else:
+            elif real is None:
                 keys[rows, :, pos], values[rows, :, pos] = k, v
+            else:
+                keys[real, :, pos[real]], values[real, :, pos[real]] = k[real], v[real]
             y = self.kernels.attention(q, keys[:n, :, :span], values[:n, :, :span], mask, self.scale)
             x = b.attn_proj.fused(y.reshape(n, self.dim), residual=x)
             x = b.mlp_proj.fused(self.act(b.fc.fused(x, b.ln2, self.eps)), residual=x)
