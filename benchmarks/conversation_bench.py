@@ -16,7 +16,8 @@ conversion) and is driven by one client, servers one at a time so none competes 
   the prompt's prefill (n = 1, one token) plus the decoding (the same request's time less that
   of its one-token twin); prefilled once, it should be within 1.2x of that sum.
 - scoring: requests/s of echo + logprobs (max_tokens 0) for four continuations of one
-  500-token context, the four sent at once, lm-eval's multiple choice shape.
+  500-token context, the four sent at once, lm-eval's multiple choice shape (not llama.cpp:
+  its server refuses `echo`).
 """
 
 from __future__ import annotations
@@ -178,7 +179,7 @@ def main() -> None:
                 row["turns"] = statistics.mean(len(t) for t in turns)
                 if kind == "wikigpt" and not args.skip_n:
                     row["n"] = asyncio.run(n_choices(url, texts[0], 3))
-                if not args.skip_scoring:
+                if not args.skip_scoring and kind != "llama.cpp":  # its server refuses echo ("Only no echo")
                     asyncio.run(scoring(url, model, [texts[-2][:500]], tok))  # warm-up
                     row["scoring"] = asyncio.run(scoring(url, model, [ids[:500] for ids in texts[:4]], tok))
             except SystemExit as exc:
