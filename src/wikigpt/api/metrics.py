@@ -49,10 +49,10 @@ class Metrics:
         if firsts:
             self.ttft.observe(min(firsts) - started)
         self.generated.inc(sum(s.completion_tokens for s in streams))
-        self.prompt.inc(sum(s.prompt_tokens for s in streams))
-        cached = sum(s.cached_tokens for s in streams)
+        prompt, cached = sum(s.prompt_tokens for s in streams), sum(s.cached_tokens for s in streams)
+        self.prompt.inc(prompt)
         self.prompt_cached.inc(cached)
-        self.prompt_computed.inc(sum(s.prompt_tokens for s in streams) - cached)
+        self.prompt_computed.inc(prompt - cached)
 
 
 class AccessLog:

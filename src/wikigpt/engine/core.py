@@ -96,8 +96,6 @@ class Engine:
         self.root, self.forwards = lm.name, False
         self.tokens_generated = 0
         self.steps = 0
-        self.prompt_tokens_cached = 0  # prompt positions copied from the cache, not computed
-        self.prompt_tokens_computed = 0
         self.forward: GPT2Forward | HFForward | None = None  # built by the worker (start-up probe)
         self.kernels = Kernels()
         self._waiting: deque[Request] = deque()
@@ -470,8 +468,6 @@ class Engine:
                 r.slot = self.forward.allocate()
             self._history[r.slot] = r.prompt_ids[0]  # padding that is a no-op for the penalty
             self._history[r.slot, :len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
-            self.prompt_tokens_cached += r.output.cached_tokens
-            self.prompt_tokens_computed += len(r.prompt_ids) - r.output.cached_tokens
 
     def _score_prompt(self, r: Request, logits: torch.Tensor) -> None:
         """Prompt scores from the logits of the computed positions n .. len-1 (row i scores
