@@ -109,3 +109,24 @@ def wikitext_dir() -> Path:
     path = SHARED / "data" / "wikitext-2-raw"
     require((path / "wiki.valid.raw").is_file(), f"WikiText-2 raw splits not found at {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_model_dir, tmp_path_factory) -> Path:
+    """A real (smoke) training run of the tiny model, then `wikigpt evaluate` of base and tuned in
+    one command: the run folder `wikigpt report` and `wikigpt push` read."""
+    from wikigpt import cli
+    from wikigpt.settings import TrainSettings, build
+    from wikigpt.train import train
+
+    tmp = tmp_path_factory.mktemp("report")
+    text = tmp / "wiki.test.raw"
+    text.write_text("".join(f" \n = Article {k} = \n \n {CORPUS.replace(chr(10), ' ')}\n" for k in range(12)))
+    values = dict(model=str(tiny_model_dir), train_file=str(text), cache_dir=str(tmp / "cache"),
+                  output_dir=str(tmp / "run"), device="cpu", progress=False, max_steps=6)
+    train(build(TrainSettings, values, preset="smoke"))
+    run = tmp / "run"
+    rc = cli.main(["evaluate", "--model", str(tiny_model_dir), "--model", str(run / "final"), "--test-file",
+                   str(text), "--cache-dir", str(tmp / "cache"), "--no-progress", "--stride", "128"])
+    assert rc == 0
+    return run

@@ -1,4 +1,4 @@
-"""`wikigpt report`: a real (smoke) training run of the tiny model, evaluated next to its base."""
+"""`wikigpt report` on a real (smoke) training run of the tiny model, evaluated next to its base (conftest)."""
 
 import shutil
 
@@ -7,27 +7,13 @@ import pytest
 from wikigpt import cli
 from wikigpt.report import loss_curves, read_training_report
 
-from .conftest import CORPUS
 
 PROMPTS = ["--prompt", "Data Science is", "--prompt", "The history of"]
 
 
 @pytest.fixture(scope="module")
-def run_dir(tiny_model_dir, tmp_path_factory):
-    from wikigpt.settings import TrainSettings, build
-    from wikigpt.train import train
-
-    tmp = tmp_path_factory.mktemp("report")
-    text = tmp / "wiki.test.raw"
-    text.write_text("".join(f" \n = Article {k} = \n \n {CORPUS.replace(chr(10), ' ')}\n" for k in range(12)))
-    values = dict(model=str(tiny_model_dir), train_file=str(text), cache_dir=str(tmp / "cache"),
-                  output_dir=str(tmp / "run"), device="cpu", progress=False, max_steps=6)
-    train(build(TrainSettings, values, preset="smoke"))
-    run = tmp / "run"
-    rc = cli.main(["evaluate", "--model", str(tiny_model_dir), "--model", str(run / "final"), "--test-file",
-                   str(text), "--cache-dir", str(tmp / "cache"), "--no-progress", "--stride", "128"])
-    assert rc == 0
-    return run
+def run_dir(trained_run):
+    return trained_run
 
 
 def test_report_has_curves_base_table_and_samples(run_dir, tiny_model_dir, capsys):

@@ -27,8 +27,8 @@ from pydantic import BaseModel
 from . import __version__
 from .errors import ConfigError, WikigptError
 from .settings import (
-    DecodingCheckSettings, EvalSettings, GenerateSettings, PrepareSettings, ReportSettings, ScoreSettings,
-    ServeSettings, TrainSettings, UISettings, build,
+    DecodingCheckSettings, EvalSettings, ExportSettings, GenerateSettings, PrepareSettings, PushSettings,
+    ReportSettings, ScoreSettings, ServeSettings, TrainSettings, UISettings, build,
 )
 
 
@@ -175,6 +175,8 @@ COMMANDS: dict[str, Command] = {
     "evaluate": Command(EvalSettings, _lazy("evaluate")),
     "decoding-check": Command(DecodingCheckSettings, _lazy("quality")),
     "report": Command(ReportSettings, _lazy("report"), positional=("run_dir",)),
+    "export": Command(ExportSettings, _lazy("export"), positional=("model",)),
+    "push": Command(PushSettings, _lazy("push"), positional=("run_dir",)),
     "ui": Command(UISettings, run_ui),
     "score": Command(ScoreSettings, run_score, positional=("text",)),
     "serve": Command(ServeSettings, run_serve),
@@ -211,8 +213,8 @@ def add_settings_arguments(parser: argparse.ArgumentParser, cls: type[BaseModel]
         else:
             kwargs["metavar"] = name.upper()
         extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-        flag = extra.get("cli_flag") or "--" + name.replace("_", "-")  # e.g. json_output -> --json
-        parser.add_argument(flag, **kwargs)
+        flags = extra.get("cli_flag") or "--" + name.replace("_", "-")  # e.g. json_output -> --json
+        parser.add_argument(*([flags] if isinstance(flags, str) else flags), **kwargs)
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -99,6 +99,10 @@ class ShuttingDownError(OverloadedError):
     the grace period (--shutdown-grace) is over."""
 
 
+class HubError(WikigptError):
+    """The Hugging Face Hub refused or failed an upload (`wikigpt push`), its message passed on."""
+
+
 class UpstreamError(WikigptError):
     """The upstream server (`serve --upstream`) is unreachable, failed, or dropped the answer."""
 

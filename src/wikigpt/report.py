@@ -142,7 +142,8 @@ def _fence(text: str) -> str:
     return f"{fence}text\n{text}\n{fence}"
 
 
-def perplexity_section(model_dir: Path, base: str | None) -> str:
+def perplexity_section(model_dir: Path, base: str | None, label=None) -> str:
+    """The eval report's table; `label(model)` names a row's model (default: as recorded)."""
     report = read_eval_report(model_dir)
     cmd = "wikigpt evaluate " + (f"--model {base} " if base else "") + f"--model {model_dir} --split test"
     if not report or not isinstance(report.get("latest"), dict):
@@ -155,7 +156,7 @@ def perplexity_section(model_dir: Path, base: str | None) -> str:
     lines = ["| model | data | tokens scored | window/stride | perplexity | word ppl | bits/byte |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        name = r["model"] + (" (base)" if base and _same_model(r["model"], base) else "")
+        name = (label or str)(r["model"]) + (" (base)" if base and _same_model(r["model"], base) else "")
         what = f"{r['data']} {r.get('split') or ''}".strip()
         partial = "" if r.get("complete", True) else " (partial)"
         lines.append(f"| {name} | {what} | {r['n_tokens']:,}{partial} | {r['window']}/{r['stride']} | "

@@ -75,8 +75,8 @@ class _Settings(BaseSettings):
     )
 
 
-class _ModelChoice(_Settings):
-    """A model and the device it runs on: what loading, training and evaluating share."""
+class _ModelSource(_Settings):
+    """Where a model comes from: a Hub id at a revision, or a local folder."""
 
     model: str = DEFAULT_MODEL
     """Hugging Face Hub id (downloaded once into the HF cache) or a local model directory
@@ -84,6 +84,11 @@ class _ModelChoice(_Settings):
     revision: str | None = None
     """Hub branch, tag or commit of --model (Hub ids only); default: the head of 'main', except
     for the default model, which is pinned to a commit."""
+
+
+class _ModelChoice(_ModelSource):
+    """A model and the device it runs on: what loading, training and evaluating share."""
+
     device: str = "auto"
     """'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:N' or 'mps'. Training takes no
     ':N' (pick GPUs with CUDA_VISIBLE_DEVICES; under torchrun/accelerate launch each process
@@ -366,6 +371,13 @@ class TrainSettings(DataSettings, _ModelChoice):
     dashboard, through accelerate's trackers: 'tensorboard' writes OUTPUT_DIR/tensorboard/
     (`tensorboard --logdir OUTPUT_DIR`), 'wandb' a Weights & Biases run in project 'wikigpt'
     (`pip install wandb`, then `wandb login`). metrics.jsonl is written either way."""
+    push_to_hub: bool = False
+    """At the end of the run, upload the final model with its model card to the Hugging Face
+    Hub (`wikigpt push`; needs a token: `hf auth login` or HF_TOKEN)."""
+    hub_repo_id: str | None = Field(None, pattern=r"^([\w.-]+/)?[\w.-]+$")
+    """--push-to-hub's repository (USER/NAME); default: --output-dir's folder name under the token's user."""
+    hub_private: bool = False
+    """--push-to-hub creates the repository private."""
 
 
 # Fixed prompts for the report's sample continuations and the decoding-quality check:
@@ -461,6 +473,37 @@ class ReportSettings(ModelSettings, _SampleSeed):
     """Tokens per sample continuation and per decoding-check continuation."""
     decoding_check: bool = True
     """Include the greedy-vs-default decoding-quality table (about a minute for DistilGPT2 on a CPU)."""
+
+
+class ExportSettings(_ModelSource):
+    """Write a GPT-2-family model as one GGUF file for llama.cpp, Ollama and LM Studio, and an
+    Ollama Modelfile beside it (docs/sharing.md)."""
+
+    format: Literal["gguf"] = "gguf"
+    """Output format: 'gguf', llama.cpp's (read by Ollama and LM Studio too)."""
+    outtype: Literal["f32", "f16", "q8_0"] = "f16"
+    """Weight type of the 2-D tensors (norms, biases and the position embedding stay f32, as
+    llama.cpp's converter keeps them): 'f32' exact, 'f16' half the size, 'q8_0' llama.cpp's
+    8-bit blocks (a quarter of f32's size)."""
+    output: str | None = Field(None, json_schema_extra={"cli_flag": ["-o", "--output"]})
+    """The .gguf file to write (the Modelfile goes next to it, FILE.Modelfile); default
+    ./NAME-OUTTYPE.gguf in the current folder."""
+
+
+class PushSettings(_Settings):
+    """Upload a trained model to the Hugging Face Hub: safetensors weights, tokenizer, and a
+    model card with the training settings, the evaluation table and the loss plot."""
+
+    run_dir: str = Field(min_length=1)
+    """A training run's folder (its final/ model is pushed), or a model folder."""
+    repo_id: str = Field(min_length=1, pattern=r"^([\w.-]+/)?[\w.-]+$")
+    """Hub repository, USER/NAME or ORG/NAME (NAME alone: under the token's user); created if missing."""
+    private: bool = False
+    """Create the repository private (an existing repository keeps its visibility)."""
+    model: str | None = None
+    """Model folder to push; default: RUN_DIR/final, else RUN_DIR itself."""
+    commit_message: str = "Upload a model fine-tuned with wikigpt"
+    """The Hub commit's message."""
 
 
 PRESETS_DIR = Path(__file__).resolve().parents[2] / "configs"

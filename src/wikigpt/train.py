@@ -312,6 +312,10 @@ def restore(checkpoint: Path, optimizer, scheduler) -> Progress:
 def setup(s: TrainSettings) -> Run:
     from accelerate import Accelerator
 
+    if s.push_to_hub:  # a missing token fails now, not after the run
+        from .push import hub_token
+
+        hub_token()
     out = Path(s.output_dir).expanduser()
     kind = device_type(s.device)
     precision = resolve_precision(s.precision, kind)
@@ -514,8 +518,26 @@ def finish(run: Run, reason: str) -> dict:
         run.log(f"{reason}: {report['steps']} steps, {report['tokens_seen']:,} tokens in "
                 f"{report['train_seconds']:,.0f} s ({report['tokens_per_second']:,} tok/s){ppl}; "
                 f"model in {run.out / 'final'}")
+        if run.s.push_to_hub:
+            push_final(run)
     run.accelerator.wait_for_everyone()
     return report
+
+
+def push_final(run: Run) -> None:
+    """--push-to-hub: the final model and its card to the Hub; a failure keeps the saved model
+    and says how to push it again."""
+    from .errors import WikigptError
+    from .push import push
+
+    repo_id = run.s.hub_repo_id or run.out.resolve().name
+    try:
+        url = push(run.out, repo_id, private=run.s.hub_private)
+    except WikigptError as exc:
+        exc.message += (f" (the model is saved in {run.out / 'final'}; push it with "
+                        f"`wikigpt push {run.out} --repo-id {repo_id}`)")
+        raise
+    run.log(f"pushed to the Hugging Face Hub: {url}")
 
 
 def training_report(run: Run, reason: str, final_eval: dict | None) -> dict:
