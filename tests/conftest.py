@@ -54,8 +54,9 @@ def require(condition: object, reason: str) -> None:
     pytest.skip(reason)
 
 
-def make_tiny_model(out_dir: Path, n_layer: int = 2, n_embd: int = 64, n_positions: int = 256) -> Path:
-    """A 2-layer random GPT-2 (~0.1 M params) and a 512-token BPE tokenizer, saved like a real model."""
+def make_tiny_model(out_dir: Path, n_layer: int = 2, n_embd: int = 64, n_positions: int = 256, **config) -> Path:
+    """A 2-layer random GPT-2 (~0.1 M params) and a 512-token BPE tokenizer, saved like a real
+    model; `config`: more GPT2Config fields."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast, set_seed
 
@@ -71,7 +72,7 @@ def make_tiny_model(out_dir: Path, n_layer: int = 2, n_embd: int = 64, n_positio
     set_seed(0)
     cfg = GPT2Config(
         vocab_size=len(tok), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=2,
-        bos_token_id=eos, eos_token_id=eos,
+        bos_token_id=eos, eos_token_id=eos, **config,
     )
     model = GPT2LMHeadModel(cfg)
     tok.pad_token = tok.eos_token

@@ -86,6 +86,7 @@ def write_gguf(model, tokenizer, path: Path, outtype: str, name: str) -> dict[st
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GPT2])
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
+    writer.add_size_label(gguf.size_label(sum(p.numel() for p in model.parameters()), 0, 0, 0))
     writer.add_block_count(cfg.n_layer)
     writer.add_context_length(cfg.n_positions)
     writer.add_embedding_length(cfg.n_embd)
@@ -94,6 +95,13 @@ def write_gguf(model, tokenizer, path: Path, outtype: str, name: str) -> dict[st
     writer.add_layer_norm_eps(cfg.layer_norm_epsilon)
     writer.add_file_type(ftype)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    g = model.generation_config  # the decoding defaults, which llama.cpp's server takes from here
+    if getattr(g, "do_sample", False):
+        writer.add_sampling_temp(g.temperature)
+        writer.add_sampling_top_k(g.top_k)
+        writer.add_sampling_top_p(g.top_p)
+    if getattr(g, "repetition_penalty", None) not in (None, 1.0):
+        writer.add_sampling_penalty_repeat(g.repetition_penalty)
 
     tokens, types = _vocab(tokenizer, cfg.vocab_size)
     writer.add_tokenizer_model("gpt2")
@@ -103,7 +111,10 @@ def write_gguf(model, tokenizer, path: Path, outtype: str, name: str) -> dict[st
     with tempfile.TemporaryDirectory() as files:  # SpecialVocab reads merges and ids from the files
         tokenizer.save_pretrained(files)
         special = gguf.SpecialVocab(files, load_merges=True, n_vocab=len(tokens))
-    special.add_special_token.setdefault("bos", False)  # GPT-2 prepends nothing; llama.cpp would guess
+    special.add_special_token.setdefault("bos", False)  # GPT-2 adds nothing; llama.cpp would guess
+    special.add_special_token.setdefault("eos", False)
+    if tokenizer.pad_token_id == tokenizer.eos_token_id:
+        special.special_token_ids.pop("pad", None)  # our loader's pad = EOS is no token of the model's
     special.add_to_gguf(writer, quiet=True)
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT2, cfg.n_layer)

@@ -184,9 +184,10 @@ class UpstreamClient:
             self.down(f"the upstream {self.url} serves {ids or 'no model'}, not '{self.wanted}' (--model)")
             return
         self.lm.name, self.lm.dtype = card["id"], str(card.get("dtype") or "")
-        self.lm.n_params, self.lm.quantization = card.get("n_params"), card.get("quantization")
+        meta = card.get("meta") if isinstance(card.get("meta"), dict) else {}  # llama.cpp's server: its own card
+        self.lm.n_params, self.lm.quantization = card.get("n_params") or meta.get("n_params"), card.get("quantization")
         self.root = card.get("root") or card["id"]
-        self.context_length = card.get("max_model_len") or card.get("context_length")
+        self.context_length = card.get("max_model_len") or card.get("context_length") or meta.get("n_ctx")
         if not self.ready.is_set():
             log.info("upstream %s ready: serving %s (context %s)", self.url, self.lm.name, self.context_length)
         self.ready.set()
