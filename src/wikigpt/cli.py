@@ -217,6 +217,15 @@ def add_settings_arguments(parser: argparse.ArgumentParser, cls: type[BaseModel]
         parser.add_argument(*([flags] if isinstance(flags, str) else flags), **kwargs)
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's, wrapping at spaces only: a cited docs/page.md#some-anchor stays whole."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        import textwrap
+
+        return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width, break_on_hyphens=False)
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wikigpt",
@@ -226,7 +235,8 @@ def make_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, cmd in COMMANDS.items():
         doc = (cmd.settings.__doc__ or "").strip()
-        p = sub.add_parser(name, help=doc.splitlines()[0] if doc else None, description=doc)
+        p = sub.add_parser(name, help=doc.splitlines()[0] if doc else None, description=doc,
+                           formatter_class=_HelpFormatter)
         add_settings_arguments(p, cmd.settings, cmd.positional)
         if cmd.presets:
             p.add_argument("--preset", metavar="NAME", default=None,

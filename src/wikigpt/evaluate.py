@@ -243,7 +243,7 @@ def evaluate_ids(
 def pick_cpu_dtype() -> str:
     """'bfloat16' where this CPU's bf16 pays (modeling.bf16_pays), else 'float32'. Accuracy is
     not the question: with the loss taken in fp32, bf16 weights and activations move
-    perplexity by hundredths of a percent (README, Evaluation: measured)."""
+    perplexity by hundredths of a percent (docs/evaluation.md#the-evaluation-report-and-dtype)."""
     return "bfloat16" if bf16_pays("cpu") else "float32"
 
 

@@ -1,5 +1,5 @@
-"""Settings, one class per stage. Each field's docstring is its documentation: the CLI help,
-the README and error messages are generated from it (`use_attribute_docstrings`).
+"""Settings, one class per stage. Each field's docstring is its documentation: the CLI help and
+validation errors are built from it (`use_attribute_docstrings`).
 
 Every setting is read, in order of priority, from a CLI flag (`--max-new-tokens`), an
 environment variable (`WIKIGPT_MAX_NEW_TOKENS`) or the default declared here. Defaults
@@ -51,7 +51,7 @@ class SamplingParams(BaseModel):
     repetition_penalty: float = Field(1.1, ge=1.0, le=2.0)
     """Divide the logits of tokens already present by this (1.0 disables it). 1.1 is mild: the
     smallest penalty that removes most repeated phrases, so the text departs least from what
-    the model finds likely (README, Decoding defaults: the measurement)."""
+    the model finds likely (the measurement: docs/serving.md#decoding-defaults)."""
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     """Random seed; the same seed, prompt and settings give the same text."""
     stop: list[str] = Field(default_factory=list, max_length=16)
@@ -120,8 +120,9 @@ class GenerateSettings(ModelSettings, SamplingParams):
 
 
 class ServeSettings(ModelSettings):
-    """Serve the model over HTTP: the original /predict route, OpenAI-compatible /v1/completions
-    (streaming), health, readiness and Prometheus metrics, with continuous batching."""
+    """Serve the model over HTTP: the original /predict route, OpenAI-compatible /v1/completions and
+    /v1/chat/completions (streaming), /tokenize and /detokenize, health, readiness and Prometheus
+    metrics, with continuous batching (docs/serving.md)."""
 
     host: str = "127.0.0.1"
     """Address to listen on; 0.0.0.0 exposes the API to the network (only inside a container)."""
@@ -135,7 +136,7 @@ class ServeSettings(ModelSettings):
     """Weights of the products: 'int8' (per-row int8, a quarter of float32's bytes per token;
     CPU only), 'none' (--dtype's), or 'auto': int8 where one sequence's decoding step measures
     faster with it at start-up (GPT-2-family models on a CPU), else none. `GET /` says which.
-    Its cost in perplexity: `wikigpt evaluate --quantization int8` (docs/engine.md#int8)."""
+    Its cost in perplexity: `wikigpt evaluate --quantization int8` (docs/engine.md#int8-weights)."""
     prefix_caching: bool = True
     """Keep a finished request's keys and values in its batch slot and start each prompt from
     the longest prefix a slot holds (a conversation's next turn, one context scored with several
@@ -310,7 +311,7 @@ class TrainSettings(DataSettings, _ModelChoice):
     new_vocab_size: int | None = Field(None, ge=256, le=65536)
     """--init scratch: train a new byte-level BPE tokenizer with this many tokens on the training
     split instead of using --tokenizer's. On a CPU the output layer (vocab x width) dominates a
-    small model's cost, so a smaller vocabulary trains faster (README: measured)."""
+    small model's cost, so a smaller vocabulary trains faster (docs/training.md#the-training-loop)."""
     output_dir: str = "runs/train"
     """Run folder: checkpoints/, metrics.jsonl and final/ (weights, tokenizer,
     generation_config.json, training_report.json)."""
