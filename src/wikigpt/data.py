@@ -30,6 +30,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .errors import ConfigError
+from .files import atomic_path, write_atomic
 from .settings import DataSettings, default_cache_dir
 
 SPLITS = ("train", "validation", "test")
@@ -319,9 +320,8 @@ def load_split_with_meta(data, split, tokenizer, cache_dir=None, progress=False)
     text = read_text(source, split)
     docs = split_articles(text)
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = bin_path.with_name(f".{bin_path.name}.tmp-{os.getpid()}")
     n_tokens, dtype = 0, np.uint16
-    try:
+    with atomic_path(bin_path) as tmp:
         with open(tmp, "wb") as f:
             for arr in tokenize_documents(docs, tokenizer, progress=progress, desc=f"tokenizing {split}"):
                 f.write(arr.tobytes())
@@ -329,18 +329,13 @@ def load_split_with_meta(data, split, tokenizer, cache_dir=None, progress=False)
                 dtype = arr.dtype
         if n_tokens == 0:
             raise DataError(f"the {split} split of {source.name} is empty")
-        os.replace(tmp, bin_path)
-    finally:
-        tmp.unlink(missing_ok=True)
     meta = {
         "version": CACHE_VERSION, "key": key, "split": split, "source": source.name, "fingerprint": key_spec,
         "tokenizer": str(tokenizer.name_or_path), "vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
         "dtype": np.dtype(dtype).name, "n_tokens": n_tokens, "n_documents": len(docs), "n_chars": len(text),
         "seconds": round(time.perf_counter() - start, 3),
     }
-    tmp_meta = meta_path.with_name(f".{meta_path.name}.tmp-{os.getpid()}")
-    tmp_meta.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp_meta, meta_path)  # written last: its presence marks a complete cache entry
+    write_atomic(meta_path, json.dumps(meta, indent=2) + "\n")  # written last: it marks a complete entry
     meta["cached"] = False
     return np.memmap(bin_path, dtype=meta["dtype"], mode="r"), meta
 

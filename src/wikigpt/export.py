@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import tempfile
 from pathlib import Path
 
 from .errors import ConfigError
+from .files import atomic_path, write_atomic
 from .settings import ExportSettings, ModelSettings
 
 log = logging.getLogger("wikigpt.export")
@@ -163,22 +163,6 @@ def modelfile(gguf_name: str, generation_config, eos: str | None, context: int) 
     return "\n".join(lines) + "\n"
 
 
-def _atomic(path: Path, write) -> None:
-    """`write(tmp)` into a sibling temporary file, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the shared file private
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def run(s: ExportSettings) -> int:
     from .modeling import load_model
 
@@ -186,11 +170,10 @@ def run(s: ExportSettings) -> int:
     if out.suffix != ".gguf":
         raise ConfigError(f"--output {out}: a GGUF file's name ends in .gguf")
     lm = load_model(ModelSettings(model=s.model, revision=s.revision, device="cpu", dtype="float32"))
-    counts: dict[str, int] = {}
-    _atomic(out, lambda tmp: counts.update(write_gguf(lm.model, lm.tokenizer, tmp, s.outtype, model_name(s.model))))
+    with atomic_path(out) as tmp:
+        counts = write_gguf(lm.model, lm.tokenizer, tmp, s.outtype, model_name(s.model))
     mf = out.with_suffix(".Modelfile")
-    text = modelfile(out.name, lm.model.generation_config, lm.tokenizer.eos_token, lm.context_length)
-    _atomic(mf, lambda tmp: tmp.write_text(text))
+    write_atomic(mf, modelfile(out.name, lm.model.generation_config, lm.tokenizer.eos_token, lm.context_length))
     size = out.stat().st_size
     print(f"wikigpt export: wrote {out} ({size / 1e6:,.1f} MB; tensors: "
           f"{', '.join(f'{n} {k}' for k, n in sorted(counts.items()))}) and {mf}\n"

@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import tempfile
 from pathlib import Path
 
+from .files import write_atomic
 from .settings import PINNED_REVISIONS
 
 log = logging.getLogger("wikigpt.hub")
@@ -140,8 +139,6 @@ def _remember(name: str, base: str, conversion: str) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         data = {**_remembered(name), base: conversion}
-        with tempfile.NamedTemporaryFile("w", dir=folder, delete=False, suffix=".tmp") as tmp:
-            json.dump(data, tmp)
-        os.replace(tmp.name, folder / _REMEMBERED)
+        write_atomic(folder / _REMEMBERED, json.dumps(data))
     except OSError as exc:  # a read-only cache: offline starts then use the pickle if cached
         log.warning("could not note the safetensors conversion in %s: %s", folder, exc)

@@ -15,13 +15,13 @@ import math
 import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 from .checkpoints import STATE_FILE, list_checkpoints
 from .errors import ConfigError
 from .evalreport import read_eval_report, result_key
 from .evaluate import fmt_ppl
+from .files import write_atomic
 from .settings import ReportSettings
 
 TRAINING_REPORT = "training_report.json"
@@ -265,10 +265,6 @@ def render(s: ReportSettings) -> tuple[Path, str]:
 
 def run(s: ReportSettings) -> int:
     out, text = render(s)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, out)
+    write_atomic(out, text)
     print(f"wikigpt report: wrote {out}", file=sys.stderr)
     return 0
