@@ -181,12 +181,9 @@ class LlamaServer:
         return r.json()
 
     def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        from tests.test_ui_browser import stop
+
+        stop(self.proc)  # SIGTERM, then SIGKILL after 20 s
 
 
 @pytest.fixture(scope="module")

@@ -78,11 +78,10 @@ def card_metadata(repo_id: str, model_dir: Path, treport: dict | None):
     )
 
 
-def render_card(repo_id: str, model_dir: Path, run_dir: Path, png: str | None) -> str:
+def render_card(repo_id: str, model_dir: Path, treport: dict | None, png: str | None) -> str:
     """README.md: the metadata block, then the card's sections."""
     from huggingface_hub import ModelCard
 
-    treport = read_training_report(run_dir, model_dir)
     st = (treport or {}).get("settings", {})
     base = st.get("model") if st.get("init", "pretrained") == "pretrained" else None
     dataset, config = _dataset(st)
@@ -98,7 +97,7 @@ def render_card(repo_id: str, model_dir: Path, run_dir: Path, png: str | None) -
         return model
 
     rows = [f"| {k} | {st[k]} |" for k in HYPERPARAMETERS if st.get(k) is not None]
-    versions = {k: (treport or {}).get(k) for k in ("torch",)}
+    torch_version = (treport or {}).get("torch")
     from . import __version__
 
     parts = [
@@ -115,7 +114,7 @@ def render_card(repo_id: str, model_dir: Path, run_dir: Path, png: str | None) -
         f"Served with wikigpt (HTTP API and web UI): `wikigpt serve --model {repo_id}`; for llama.cpp, Ollama "
         f"or LM Studio: `wikigpt export {repo_id} --outtype q8_0`.\n",
         "## Framework versions\n",
-        f"- wikigpt {__version__}\n" + "".join(f"- {k} {v}\n" for k, v in versions.items() if v),
+        f"- wikigpt {__version__}\n" + (f"- torch {torch_version}\n" if torch_version else ""),
     ]
     return str(ModelCard(f"---\n{card_metadata(repo_id, model_dir, treport).to_yaml()}\n---\n\n" + "\n".join(parts)))
 
@@ -168,7 +167,7 @@ def push(run_dir: Path, repo_id: str, *, private: bool = False, model: str | Non
             if treport is not None:
                 png = plot_losses(*loss_curves(run_dir, treport), f"{repo_id}: loss against tokens seen",
                                   Path(tmp) / "loss.png").name
-            card = render_card(repo_id, model_dir, run_dir, png)
+            card = render_card(repo_id, model_dir, treport, png)
             ops = [CommitOperationAdd(p.name, str(p)) for p in files]
             ops.append(CommitOperationAdd("README.md", card.encode()))
             if png:
