@@ -19,7 +19,8 @@ import torch
 
 from wikigpt.modeling import load_model
 from wikigpt.quality import continue_batch, measure
-from wikigpt.settings import DEFAULT_PROMPTS, ModelSettings, SamplingParams
+from wikigpt.decoding import SamplingParams
+from wikigpt.settings import DEFAULT_PROMPTS, ModelSettings
 
 
 @torch.inference_mode()

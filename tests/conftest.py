@@ -117,7 +117,8 @@ def trained_run(tiny_model_dir, tmp_path_factory) -> Path:
     """A real (smoke) training run of the tiny model, then `wikigpt evaluate` of base and tuned in
     one command: the run folder `wikigpt report` and `wikigpt push` read."""
     from wikigpt import cli
-    from wikigpt.settings import TrainSettings, build
+    from wikigpt.presets import build
+    from wikigpt.settings import TrainSettings
     from wikigpt.train import train
 
     tmp = tmp_path_factory.mktemp("report")

@@ -20,7 +20,8 @@ import pytest
 
 from tests.conftest import require
 from wikigpt.generation import generate
-from wikigpt.settings import SamplingParams, ServeSettings
+from wikigpt.decoding import SamplingParams
+from wikigpt.settings import ServeSettings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -130,6 +131,10 @@ def test_predict_form_encoded_body_and_sampling_fields(client, tiny_lm):
     r = client.post("/predict", json={"text": "The history of", "max_new_tokens": 12, "temperature": 0.0})
     assert r.json()["predictions"] == generate(tiny_lm, "The history of", p)
     assert r.json()["usage"]["completion_tokens"] <= 12
+    # min_p 1 keeps only the most likely token: sampling hot is then greedy
+    hot = {"text": "The history of", "max_new_tokens": 12, "temperature": 1.5, "seed": 3}
+    assert client.post("/predict", json=hot | {"min_p": 1.0}).json()["predictions"] == generate(tiny_lm, "The history of", p)
+    assert client.post("/predict", json=hot).json()["predictions"] != generate(tiny_lm, "The history of", p)
 
 
 def test_health_ready_and_models(client, tiny_lm):

@@ -11,7 +11,7 @@ import pytest
 from tests.test_gateway import served
 from wikigpt.api.chat import render
 from wikigpt.generation import generate
-from wikigpt.settings import SamplingParams
+from wikigpt.decoding import SamplingParams
 
 MESSAGES = [{"role": "system", "content": "You answer questions about Wikipedia."},
             {"role": "user", "content": "What is data science?"},

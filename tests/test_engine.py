@@ -11,7 +11,7 @@ import torch
 from wikigpt.engine import Engine
 from wikigpt.errors import InvalidRequestError, OverloadedError
 from wikigpt.generation import generate
-from wikigpt.settings import SamplingParams
+from wikigpt.decoding import SamplingParams
 
 PROMPTS = ["Data science is", "The history of the Roman Empire covers", "Wikipedia", "a b c d e f g h i j k l m n"]
 GREEDY = SamplingParams(max_new_tokens=24, temperature=0.0, repetition_penalty=1.0)

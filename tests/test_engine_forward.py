@@ -12,7 +12,7 @@ from wikigpt.engine.gpt2 import GPT2Forward, unsupported_reason
 from wikigpt.engine.kernels import Kernels, Linear, choose_kernels, compiled_attention, sdpa_decode_attention
 from wikigpt.engine.kv_cache import SlotKVCache
 from wikigpt.generation import generate
-from wikigpt.settings import SamplingParams
+from wikigpt.decoding import SamplingParams
 
 
 def lean(lm, slots=4, dtype=torch.float32, kernels=None):

@@ -9,7 +9,7 @@ import torch
 
 from wikigpt.engine import Engine
 from wikigpt.errors import InvalidRequestError
-from wikigpt.settings import SamplingParams
+from wikigpt.decoding import SamplingParams
 
 PROMPT = "The history of the Roman Empire covers"
 

@@ -10,7 +10,7 @@ import pytest
 from wikigpt.engine import Engine, RequestOutput
 from wikigpt.generation import generate
 from wikigpt.textfilter import clean_continuation
-from wikigpt.settings import SamplingParams
+from wikigpt.decoding import SamplingParams
 
 from .conftest import CORPUS
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import torch
-from transformers import RepetitionPenaltyLogitsProcessor
+from transformers import (
+    MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
+)
 
 from wikigpt.engine.sampling import RowSampling, apply_repetition_penalty, sample
-from wikigpt.settings import SamplingParams
+from wikigpt.decoding import SamplingParams
 
 
 def row(seed: int, **kw) -> RowSampling:
@@ -40,6 +42,33 @@ def test_temperature_top_k_and_top_p_cut_where_they_should():
     assert seen == {0, 1}
     seen = {int(sample(logits.clone(), [row(s, temperature=1e-3)])) for s in range(50)}
     assert seen == {0}
+
+
+def test_min_p_cuts_relative_to_the_most_likely_token():
+    logits = torch.tensor([[3.0, 2.5, 2.0, 0.0, -1.0]])  # p = [0.47, 0.28, 0.17, 0.02, 0.01]
+    seen = {int(sample(logits.clone(), [row(s, min_p=0.3)])) for s in range(300)}
+    assert seen == {0, 1, 2}  # 0.3 x 0.47 = 0.14: the 0.17 stays, the 0.02 goes
+    seen = {int(sample(logits.clone(), [row(s, min_p=0.5)])) for s in range(300)}
+    assert seen == {0, 1}
+
+
+def test_the_cuts_keep_what_transformers_warpers_keep():
+    """Temperature, top-k, top-p and min-p together: every draw lies in what transformers' warper
+    chain (in generate's order) leaves finite, and 400 draws reach every kept token of mass > 2 %."""
+    torch.manual_seed(3)
+    logits = torch.randn(4, 40) * 2
+    for kw in ({"temperature": 0.7, "top_k": 12, "min_p": 0.1}, {"temperature": 1.3, "top_p": 0.8, "min_p": 0.05},
+               {"temperature": 1.0, "top_k": 30, "top_p": 0.9, "min_p": 0.2}):
+        chain = [TemperatureLogitsWarper(kw["temperature"]), TopKLogitsWarper(kw.get("top_k") or 40),
+                 TopPLogitsWarper(kw.get("top_p", 1.0)), MinPLogitsWarper(kw["min_p"])]
+        want = logits.clone()
+        for warper in chain:
+            want = warper(None, want)
+        for i in range(len(logits)):
+            kept = {int(t) for t in torch.isfinite(want[i]).nonzero()}
+            likely = {t for t in kept if float(want[i].softmax(-1)[t]) > 0.02}
+            seen = {int(sample(logits[i:i + 1].clone(), [row(s, **kw)])) for s in range(400)}
+            assert likely <= seen <= kept, (kw, i, seen, kept)
 
 
 def test_a_seeded_row_draws_the_same_tokens_whatever_its_neighbours():

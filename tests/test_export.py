@@ -231,6 +231,16 @@ def test_the_gateway_in_front_of_llama_cpp_serves_predict_and_chat(llama, model_
         direct = httpx.post(llama.url + "/v1/completions", json={"prompt": "Data Science is", "max_tokens": 16,
                                                                  "temperature": 0}).json()["choices"][0]["text"]
         assert r.json()["predictions"] == "Data Science is" + clean_continuation(direct)
+        # the repetition penalty reaches llama.cpp under its own name (it ignores vLLM's)
+        answers = []
+        for penalty in (1.0, 2.0):
+            via = httpx.post(srv.url + "/predict", json={"text": "The history of", "temperature": 0, "max_new_tokens": 24,
+                                                         "repetition_penalty": penalty}, timeout=60).json()
+            direct = httpx.post(llama.url + "/v1/completions", json={
+                "prompt": "The history of", "max_tokens": 24, "temperature": 0, "repeat_penalty": penalty}).json()
+            assert via["predictions"] == "The history of" + clean_continuation(direct["choices"][0]["text"])
+            answers.append(via["predictions"])
+        assert answers[0] != answers[1]
         root = httpx.get(srv.url + "/").json()
         assert root["ready"] is True and root["context_length"] == 256 and root["upstream"] == llama.url
         chat = httpx.post(srv.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hello"}],

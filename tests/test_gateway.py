@@ -27,7 +27,8 @@ from tests.test_api import BAD, LiveServer, metric
 from wikigpt.api.upstream import UpstreamClient
 from wikigpt.generation import generate
 from wikigpt.textfilter import clean_continuation
-from wikigpt.settings import SamplingParams, ServeSettings
+from wikigpt.decoding import SamplingParams
+from wikigpt.settings import ServeSettings
 
 
 # float32 weights, as the in-process test servers: the gateway sends a request's prompts and n
@@ -197,6 +198,9 @@ def test_cli_gateway_answers_the_original_curl_call(upstream, tiny_model_dir):
 def test_predict_through_the_gateway_matches_generate_and_the_upstream(client, upstream, tiny_lm):
     greedy = {"text": "The history of", "max_new_tokens": 12, "temperature": 0.0}
     assert client.post("/predict", json=greedy).json()["predictions"] == generate(
+        tiny_lm, "The history of", SamplingParams(max_new_tokens=12, temperature=0.0))
+    hot = {"text": "The history of", "max_new_tokens": 12, "temperature": 1.5, "seed": 3, "min_p": 1.0}
+    assert client.post("/predict", json=hot).json()["predictions"] == generate(  # min_p reaches the upstream
         tiny_lm, "The history of", SamplingParams(max_new_tokens=12, temperature=0.0))
     seeded = {"text": "Data science is", "seed": 7, "stop": ["\n\n"]}
     via = client.post("/predict", json=seeded).json()

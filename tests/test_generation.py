@@ -1,7 +1,7 @@
 import threading
 
 from wikigpt.generation import generate, stream
-from wikigpt.settings import SamplingParams
+from wikigpt.decoding import SamplingParams
 from wikigpt.textfilter import clean_continuation
 
 
@@ -11,6 +11,17 @@ def test_same_seed_same_text(tiny_lm):
     assert a == b and a.startswith("Data science is") and len(a) > len("Data science is")
     others = {generate(tiny_lm, "Data science is", p.model_copy(update={"seed": s})) for s in range(1, 6)}
     assert len(others | {a}) > 1  # sampling does depend on the seed
+
+
+def test_min_p_reaches_generate(tiny_lm):
+    """min_p 1 keeps only the most likely token, so hot sampling is greedy; greedy configs carry no
+    sampling knob (transformers rejects them there)."""
+    greedy = generate(tiny_lm, "The history of", SamplingParams(max_new_tokens=10, temperature=0.0))
+    hot = SamplingParams(max_new_tokens=10, temperature=1.5, seed=3)
+    assert generate(tiny_lm, "The history of", hot.model_copy(update={"min_p": 1.0})) == greedy
+    assert generate(tiny_lm, "The history of", hot) != greedy
+    config = SamplingParams(temperature=0.0, min_p=0.2).generation_config(tiny_lm.tokenizer)
+    assert not config.do_sample and config.min_p is None and config.repetition_penalty == 1.1
 
 
 def test_temperature_zero_is_greedy(tiny_lm):

@@ -7,7 +7,8 @@ import torch
 
 from wikigpt.errors import ConfigError, ModelNotFoundError
 from wikigpt.modeling import load_model, resolve_device, resolve_dtype, save_model
-from wikigpt.settings import DEFAULT_MODEL, PINNED_REVISIONS, ModelSettings, SamplingParams
+from wikigpt.decoding import SamplingParams
+from wikigpt.settings import DEFAULT_MODEL, PINNED_REVISIONS, ModelSettings
 
 from .fake_hub import FakeHub
 

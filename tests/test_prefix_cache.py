@@ -15,7 +15,7 @@ from tests.conftest import require
 from tests.test_api import LiveServer, metric
 from wikigpt.engine import Engine
 from wikigpt.engine.kv_cache import SlotKVCache
-from wikigpt.settings import SamplingParams
+from wikigpt.decoding import SamplingParams
 
 TEXT = ("The history of the Roman Empire covers the history of ancient Rome from the fall of the "
         "Roman Republic in 27 BC until the abdication of Romulus Augustulus in AD 476 in the West.")

@@ -4,7 +4,7 @@ import pytest
 
 from wikigpt import cli
 from wikigpt.quality import blank_line_runs, continue_batch, decoding_check, rep_n
-from wikigpt.settings import SamplingParams
+from wikigpt.decoding import SamplingParams
 
 
 def test_rep_n_counts_repeated_ngrams():

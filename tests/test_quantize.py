@@ -18,7 +18,7 @@ from wikigpt.engine.kv_cache import SlotKVCache
 from wikigpt.generation import generate
 from wikigpt import q8kernel
 from wikigpt.quantize import Int8Linear, Int8Weight, _fbgemm_pack, _quantize_rows, backends, quantize_model, unavailable
-from wikigpt.settings import SamplingParams
+from wikigpt.decoding import SamplingParams
 
 pytestmark = pytest.mark.skipif(unavailable() is not None, reason=f"no int8 products here: {unavailable()}")
 

@@ -1,15 +1,18 @@
-"""settings.py: the one validation-error formatter, shared fields, the cache dir's default."""
+"""settings.py and presets.py: the one validation-error formatter (errors.py), shared fields, the cache
+dir's default."""
 
 from __future__ import annotations
 
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from wikigpt.errors import ConfigError
-from wikigpt.settings import (
-    BASE_MODEL, DEFAULT_MODEL,
-    EvalSettings, ModelSettings, SamplingParams, TrainSettings, build, describe_validation_error, field_path,
-)
+from fastapi.exceptions import RequestValidationError
+
+from wikigpt.api.protocol import invalid
+from wikigpt.decoding import SamplingParams
+from wikigpt.errors import ConfigError, describe_validation_error
+from wikigpt.presets import build
+from wikigpt.settings import BASE_MODEL, DEFAULT_MODEL, EvalSettings, ModelSettings, TrainSettings
 
 
 def errors_of(cls: type[BaseModel], **values) -> ValidationError:
@@ -30,10 +33,10 @@ def test_api_form_names_body_fields_and_drops_fastapis_prefix():
     errors = [{"loc": ("body", "prompt", 0), "msg": "Input should be a valid string", "type": "string_type"},
               {"loc": ("body", "suffix"), "msg": "Extra inputs are not permitted", "type": "extra_forbidden"},
               {"loc": ("body",), "msg": "Input should be an object", "type": "model_type"}]
-    assert [field_path(e) for e in errors] == ["prompt.0", "suffix", ""]
-    unknown = lambda path, err: "unknown field" if err["type"] == "extra_forbidden" else None  # noqa: E731
-    assert describe_validation_error(errors, title="invalid request", as_flags=False, message=unknown) == (
-        "invalid request: prompt.0: Input should be a valid string; suffix: unknown field; Input should be an object")
+    err = invalid(RequestValidationError(errors))
+    assert err.message == ("invalid request: prompt.0: Input should be a valid string; suffix: unknown field; "
+                           "Input should be an object")
+    assert err.param == "prompt.0" and err.http_status == 400
     assert describe_validation_error(errors, as_flags=False, limit=1).count(";") == 0
 
 

@@ -18,7 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 from wikigpt import cli
-from wikigpt.settings import TrainSettings, build
+from wikigpt.presets import build
+from wikigpt.settings import TrainSettings
 
 from .conftest import CORPUS, REPO
 
@@ -79,7 +80,8 @@ def test_smoke_run_loss_falls_and_writes_a_servable_model(tiny_model_dir, wiki_f
         train(settings(tiny_model_dir, wiki_file, tmp_path, max_steps=12))
     from wikigpt.generation import generate
     from wikigpt.modeling import load_model
-    from wikigpt.settings import ModelSettings, SamplingParams
+    from wikigpt.decoding import SamplingParams
+    from wikigpt.settings import ModelSettings
 
     lm = load_model(ModelSettings(model=str(final_dir), device="cpu"))
     assert generate(lm, "Data science", SamplingParams(max_new_tokens=5, seed=0)).startswith("Data science")
@@ -261,7 +263,7 @@ def test_preset_precedence_flag_over_env_over_preset_over_default(monkeypatch):
 
 
 def test_every_preset_is_valid():
-    from wikigpt.settings import preset_names
+    from wikigpt.presets import preset_names
 
     assert {"smoke", "wikitext2-cpu", "wikitext103-gpu", "scratch-cpu"} <= set(preset_names())
     for name in preset_names():

@@ -191,6 +191,7 @@ def test_prompt_streams_into_the_conversation_with_the_sidebar_settings(app, bac
     at = app.run()
     at.sidebar.slider(key="temperature").set_value(0.0)
     at.sidebar.number_input(key="seed").set_value(7)
+    at.sidebar.slider(key="min_p").set_value(0.1)
     at = send(at.run(), "Data Science is")
     assert not at.exception
     turn = at.session_state.turns[0]
@@ -200,6 +201,8 @@ def test_prompt_streams_into_the_conversation_with_the_sidebar_settings(app, bac
     assert body["prompt"] == "Data Science is" and body["stream"] is True and body["model"] == "tiny-wiki"
     assert body["temperature"] == 0.0 and body["seed"] == 7 and body["max_tokens"] == 64
     assert body["top_p"] == 0.95 and body["top_k"] == 50 and body["repetition_penalty"] == 1.1
+    assert body["min_p"] == 0.1 and [s.label for s in at.sidebar.slider][1:] == [
+        "Temperature", "Top-p", "Min-p", "Repetition penalty"]
     text = page_text(at)
     # The prompt is highlighted, the continuation plain, and wiki markup is escaped, not rendered.
     assert ":blue-background[**Data Science is**] an interdisciplinary field" in text

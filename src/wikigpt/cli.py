@@ -28,8 +28,9 @@ from . import __version__
 from .errors import ConfigError, WikigptError
 from .settings import (
     DecodingCheckSettings, EvalSettings, ExportSettings, GenerateSettings, PrepareSettings, PushSettings,
-    ReportSettings, ScoreSettings, ServeSettings, TrainSettings, UISettings, build,
+    ReportSettings, ScoreSettings, ServeSettings, TrainSettings, UISettings,
 )
+from .presets import build
 
 
 @dataclass
@@ -52,7 +53,7 @@ def run_generate(s: GenerateSettings) -> int:
     _quiet_transformers()
     from .generation import stream
     from .modeling import load_model
-    from .settings import SamplingParams
+    from .decoding import SamplingParams
 
     lm = load_model(s)
     params = SamplingParams(**{k: getattr(s, k) for k in SamplingParams.model_fields})

@@ -6,6 +6,12 @@ read `exit_code` / `http_status` from here, so a new error type is mapped in one
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
 
 class WikigptError(Exception):
     """Base class: a failure with a message meant for a person, not a traceback."""
@@ -124,3 +130,37 @@ class UpstreamRejectedError(InvalidRequestError):
         self.http_status = status
         if status == 404:
             self.error_type = "not_found_error"
+
+
+def field_path(error: Mapping[str, Any]) -> str:
+    """A pydantic error's field as a dotted path (`prompt.0`); '' when the error is about the
+    input as a whole."""
+    return ".".join(str(p) for p in error.get("loc") or ())
+
+
+def describe_validation_error(
+    exc: ValidationError | Sequence[Mapping[str, Any]],
+    *,
+    title: str = "invalid settings",
+    as_flags: bool = True,
+    limit: int | None = None,
+    message: Callable[[str, Mapping[str, Any]], str | None] | None = None,
+) -> str:
+    """One line naming each bad field and why, e.g. 'invalid settings: --max-steps: Input
+    should be greater than or equal to 1'. The one formatter of validation errors: the CLI's
+    (flags) and the API's (body fields, title 'invalid request').
+
+    exc: a pydantic ValidationError, or its .errors() list (FastAPI's RequestValidationError).
+    as_flags: name a field as its CLI flag (--max-new-tokens; 'input' for the whole input);
+    else as its path in the request body (prompt.0; nothing for the whole body).
+    limit: name at most this many errors.
+    message(path, error): a replacement for pydantic's message, or None to keep it.
+    """
+    errors = list(exc) if isinstance(exc, Sequence) else exc.errors()
+    parts = []
+    for err in errors[:limit]:
+        path = field_path(err)
+        msg = (message and message(path, err)) or err.get("msg") or "invalid"
+        name = ("--" + path.replace("_", "-") if path else "input") if as_flags else path
+        parts.append(f"{name}: {msg}" if name else msg)
+    return f"{title}: " + "; ".join(parts)

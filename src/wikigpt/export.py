@@ -26,6 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .decoding import KNOBS, SamplingParams
 from .errors import ConfigError
 from .files import atomic_path, write_atomic
 from .settings import ExportSettings, ModelSettings
@@ -95,13 +96,10 @@ def write_gguf(model, tokenizer, path: Path, outtype: str, name: str) -> dict[st
     writer.add_layer_norm_eps(cfg.layer_norm_epsilon)
     writer.add_file_type(ftype)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    g = model.generation_config  # the decoding defaults, which llama.cpp's server takes from here
-    if getattr(g, "do_sample", False):
-        writer.add_sampling_temp(g.temperature)
-        writer.add_sampling_top_k(g.top_k)
-        writer.add_sampling_top_p(g.top_p)
-    if getattr(g, "repetition_penalty", None) not in (None, 1.0):
-        writer.add_sampling_penalty_repeat(g.repetition_penalty)
+    # the decoding defaults, which llama.cpp's server takes from general.sampling.*
+    for knob, value in SamplingParams.from_generation_config(model.generation_config).knobs(effective=True).items():
+        add = writer.add_int32 if isinstance(value, int) else writer.add_float32
+        add(f"general.sampling.{KNOBS[knob].gguf}", value)
 
     tokens, types = _vocab(tokenizer, cfg.vocab_size)
     writer.add_tokenizer_model("gpt2")
@@ -150,14 +148,9 @@ def write_gguf(model, tokenizer, path: Path, outtype: str, name: str) -> dict[st
 def modelfile(gguf_name: str, generation_config, eos: str | None, context: int) -> str:
     """An Ollama Modelfile for the file: the model's decoding defaults, its end-of-text token as
     the stop, the raw prompt as the template (a base model has no chat format)."""
-    g = generation_config
     lines = [f"FROM ./{gguf_name}", 'TEMPLATE """{{ .Prompt }}"""', f"PARAMETER num_ctx {context}"]
-    if getattr(g, "do_sample", False):
-        lines += [f"PARAMETER temperature {g.temperature}", f"PARAMETER top_p {g.top_p}", f"PARAMETER top_k {g.top_k}"]
-    else:
-        lines.append("PARAMETER temperature 0")
-    if getattr(g, "repetition_penalty", None) not in (None, 1.0):
-        lines.append(f"PARAMETER repeat_penalty {g.repetition_penalty}")
+    knobs = SamplingParams.from_generation_config(generation_config).knobs(effective=True)
+    lines += [f"PARAMETER {KNOBS[knob].llama_cpp} {value}" for knob, value in knobs.items()]
     if eos:
         lines.append(f"PARAMETER stop {json.dumps(eos)}")
     return "\n".join(lines) + "\n"

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer, set_seed
 
-from .modeling import LoadedModel, generation_config_for
-from .settings import SamplingParams
+from .modeling import LoadedModel
+from .decoding import SamplingParams
 from .textfilter import ContinuationFilter
 
 
@@ -38,7 +38,7 @@ def stream(lm: LoadedModel, prompt: str, params: SamplingParams) -> Iterator[str
     enc = tok(prompt, return_tensors="pt").to(lm.device)
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True, timeout=600)
     stop_event = threading.Event()
-    config = generation_config_for(params, tok)
+    config = params.generation_config(tok)
     config.stop_strings = None  # the filter below cuts stop strings exactly and sets stop_event
     errors: list[BaseException] = []
 

@@ -23,12 +23,13 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from . import hub
 from .errors import ConfigError, ModelNotFoundError
-from .settings import ModelSettings, SamplingParams
+from .decoding import SamplingParams
+from .settings import ModelSettings
 
 # transformers, given a Hub repository with only pickle weights, starts a thread that asks the
 # Hub's converter bot to open a pull request on that repository, with the user's token. Loading
@@ -226,24 +227,6 @@ def load_model(settings: ModelSettings) -> LoadedModel:
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, device=device, dtype=dtype)
 
 
-def generation_config_for(params: SamplingParams, tokenizer: PreTrainedTokenizerBase) -> GenerationConfig:
-    """The transformers GenerationConfig equivalent of our sampling settings."""
-    common = dict(
-        max_new_tokens=params.max_new_tokens,
-        repetition_penalty=params.repetition_penalty,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-    )
-    if params.stop:
-        common["stop_strings"] = list(params.stop)
-    if params.greedy:
-        return GenerationConfig(do_sample=False, **common)
-    return GenerationConfig(
-        do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, **common
-    )
-
-
 def save_model(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -264,7 +247,7 @@ def save_model(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        model.generation_config = generation_config_for(sampling or SamplingParams(), tokenizer)
+        model.generation_config = (sampling or SamplingParams()).generation_config(tokenizer)
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         for filename, payload in (extra_files or {}).items():

@@ -23,8 +23,9 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import set_seed
 
-from .modeling import LoadedModel, generation_config_for
-from .settings import DecodingCheckSettings, SamplingParams
+from .modeling import LoadedModel
+from .decoding import SamplingParams
+from .settings import DecodingCheckSettings
 from .tables import markdown_table
 from .textfilter import BLANK_RUN
 
@@ -46,7 +47,7 @@ def continue_batch(lm: LoadedModel, prompts: list[str], params: SamplingParams) 
     enc = tok(list(prompts), return_tensors="pt", padding=True).to(lm.device)  # left padding (load_model)
     if params.seed is not None:
         set_seed(params.seed)
-    out = lm.model.generate(**enc, generation_config=generation_config_for(params, tok))
+    out = lm.model.generate(**enc, generation_config=params.generation_config(tok))
     rows = out[:, enc["input_ids"].shape[1] :].tolist()
     eos = tok.eos_token_id
     return [row[: row.index(eos)] if eos in row else row for row in rows]
@@ -86,9 +87,8 @@ def decodings(max_new_tokens: int) -> list[tuple[str, SamplingParams]]:
     default = SamplingParams(max_new_tokens=max_new_tokens)
     return [
         ("greedy (the original)", SamplingParams(max_new_tokens=max_new_tokens, temperature=0, repetition_penalty=1.0)),
-        (f"greedy, repetition penalty {default.repetition_penalty}", SamplingParams(max_new_tokens=max_new_tokens, temperature=0)),
-        (f"default (T {default.temperature}, top-p {default.top_p}, top-k {default.top_k}, "
-         f"rep. penalty {default.repetition_penalty})", default),
+        (SamplingParams(temperature=0).describe(), SamplingParams(max_new_tokens=max_new_tokens, temperature=0)),
+        (f"default ({default.describe()})", default),
     ]
 
 

@@ -207,12 +207,11 @@ def training_section(report: dict | None, png: str | None) -> str:
 def samples_section(lm, prompts: list[str], seed: int, max_new_tokens: int) -> str:
     from .textfilter import clean_continuation
     from .quality import continue_batch
-    from .settings import SamplingParams
+    from .decoding import SamplingParams
 
     params = SamplingParams(max_new_tokens=max_new_tokens, seed=seed)
     conts = continue_batch(lm, prompts, params)
-    out = [f"Default decoding (temperature {params.temperature}, top-p {params.top_p}, top-k {params.top_k}, "
-           f"repetition penalty {params.repetition_penalty}), seed {seed}, at most {max_new_tokens} new tokens; "
+    out = [f"Default decoding ({params.describe()}), seed {seed}, at most {max_new_tokens} new tokens; "
            "as users see them (blank-line runs collapsed).\n"]
     for prompt, ids in zip(prompts, conts):
         text = prompt + clean_continuation(lm.tokenizer.decode(ids, skip_special_tokens=True))

@@ -9,14 +9,13 @@ finish in minutes on a laptop CPU; full-size runs live in the preset files under
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from .errors import ConfigError
+from .decoding import SamplingParams
 
 # What `wikigpt serve`, `ui`, `generate`, `evaluate`, `make run` and compose serve without --model:
 # DistilGPT2 fine-tuned on WikiText-103 by the authors of the RetoMaton paper (Alon et al.,
@@ -29,44 +28,6 @@ BASE_MODEL = "distilbert/distilgpt2"
 # hub.resolve_revision turns one into the full commit id (from the repository's history
 # online, from the cached snapshots offline) before anything is downloaded.
 PINNED_REVISIONS = {DEFAULT_MODEL: "cc0607f"}
-
-
-class SamplingParams(BaseModel):
-    """How to pick each next token. Shared by the CLI, the engine and the API schemas.
-
-    Defaults: nucleus sampling at temperature 0.8 (the original project decoded greedily and
-    its output degenerated into pages of newlines); temperature 0 means greedy.
-    """
-
-    model_config = ConfigDict(use_attribute_docstrings=True, extra="forbid")
-
-    max_new_tokens: int = Field(64, ge=1, le=4096)
-    """Most tokens to generate after the prompt."""
-    temperature: float = Field(0.8, ge=0.0, le=5.0)
-    """Softmax temperature; 0 decodes greedily (deterministic)."""
-    top_p: float = Field(0.95, gt=0.0, le=1.0)
-    """Nucleus sampling: keep the smallest set of tokens whose probability sums to this."""
-    top_k: int = Field(50, ge=0, le=100_000)
-    """Keep only the k most likely tokens (0 disables the cut)."""
-    repetition_penalty: float = Field(1.1, ge=1.0, le=2.0)
-    """Divide the logits of tokens already present by this (1.0 disables it). 1.1 is mild: the
-    smallest penalty that removes most repeated phrases, so the text departs least from what
-    the model finds likely (the measurement: docs/serving.md#decoding-defaults)."""
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    """Random seed; the same seed, prompt and settings give the same text."""
-    stop: list[str] = Field(default_factory=list, max_length=16)
-    """Stop strings: generation ends before the first occurrence of any of them."""
-
-    @field_validator("stop")
-    @classmethod
-    def _no_empty_stop(cls, value: list[str]) -> list[str]:
-        if any(s == "" for s in value):
-            raise ValueError("stop strings must not be empty")
-        return value
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
 
 
 class _Settings(BaseSettings):
@@ -505,89 +466,3 @@ class PushSettings(_Settings):
     """Model folder to push; default: RUN_DIR/final, else RUN_DIR itself."""
     commit_message: str = "Upload a model fine-tuned with wikigpt"
     """The Hub commit's message."""
-
-
-PRESETS_DIR = Path(__file__).resolve().parents[2] / "configs"
-
-
-def preset_names() -> list[str]:
-    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
-
-
-def load_preset(name: str, cls: type[BaseModel]) -> dict:
-    """Settings from configs/NAME.yaml (or a .yaml path), checked against cls's fields."""
-    import yaml
-
-    path = Path(name).expanduser() if name.endswith((".yaml", ".yml")) else PRESETS_DIR / f"{name}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"--preset {name}: unknown preset (known: {', '.join(preset_names()) or 'none'}; "
-                          "or pass a path to a .yaml file)")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--preset {name}: {path} is not valid YAML: {exc}") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"--preset {name}: {path} must be a mapping of setting: value")
-    values = {str(k).replace("-", "_"): v for k, v in values.items()}
-    unknown = sorted(set(values) - set(cls.model_fields))
-    if unknown:
-        raise ConfigError(f"--preset {name}: unknown setting(s) {', '.join(unknown)} in {path}")
-    return values
-
-
-def build(cls: type[BaseModel], values: dict, preset: str | None = None) -> BaseModel:
-    """Build settings from explicit values (CLI flags) over env vars, a preset and defaults.
-
-    A preset value loses to a WIKIGPT_* env var for the same setting (pydantic-settings ranks
-    constructor values above env vars, so those are dropped here). A validation failure
-    becomes one ConfigError naming each bad setting as its CLI flag.
-    """
-    if preset:
-        prefix = str(cls.model_config.get("env_prefix", "")).upper()
-        env = {k.upper() for k in os.environ}
-        values = {**{k: v for k, v in load_preset(preset, cls).items() if f"{prefix}{k.upper()}" not in env}, **values}
-    try:
-        return cls(**values)
-    except ValidationError as exc:
-        raise ConfigError(describe_validation_error(exc)) from None
-
-
-# Where FastAPI found a bad value; it stands first in the error's location, before the field.
-_REQUEST_PARTS = ("body", "query", "path", "header")
-
-
-def field_path(error: Mapping[str, Any]) -> str:
-    """A pydantic error's field as a dotted path (`prompt.0`), without FastAPI's 'body' prefix;
-    '' when the error is about the input as a whole."""
-    loc = list(error.get("loc") or ())
-    if loc and loc[0] in _REQUEST_PARTS:
-        loc = loc[1:]
-    return ".".join(str(p) for p in loc)
-
-
-def describe_validation_error(
-    exc: ValidationError | Sequence[Mapping[str, Any]],
-    *,
-    title: str = "invalid settings",
-    as_flags: bool = True,
-    limit: int | None = None,
-    message: Callable[[str, Mapping[str, Any]], str | None] | None = None,
-) -> str:
-    """One line naming each bad field and why, e.g. 'invalid settings: --max-steps: Input
-    should be greater than or equal to 1'. The one formatter of validation errors: the CLI's
-    (flags) and the API's (body fields, title 'invalid request').
-
-    exc: a pydantic ValidationError, or its .errors() list (FastAPI's RequestValidationError).
-    as_flags: name a field as its CLI flag (--max-new-tokens; 'input' for the whole input);
-    else as its path in the request body (prompt.0; nothing for the whole body).
-    limit: name at most this many errors.
-    message(path, error): a replacement for pydantic's message, or None to keep it.
-    """
-    errors = exc.errors() if isinstance(exc, ValidationError) else list(exc)
-    parts = []
-    for err in errors[:limit]:
-        path = field_path(err)
-        msg = (message and message(path, err)) or err.get("msg") or "invalid"
-        name = ("--" + path.replace("_", "-") if path else "input") if as_flags else path
-        parts.append(f"{name}: {msg}" if name else msg)
-    return f"{title}: " + "; ".join(parts)

@@ -38,7 +38,8 @@ from .checkpoints import (
 )
 from .errors import ConfigError
 from .modeling import bf16_pays, context_length, resolve_device
-from .settings import PrepareSettings, SamplingParams, TrainSettings
+from .decoding import SamplingParams
+from .settings import PrepareSettings, TrainSettings
 
 # ---------------------------------------------------------------- precision and devices
 def device_type(name: str) -> str:

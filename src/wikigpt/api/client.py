@@ -12,7 +12,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol, runtime_checkable
 
-from ..settings import SamplingParams
+from ..decoding import SamplingParams
 
 
 class Chunk(Protocol):

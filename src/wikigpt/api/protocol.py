@@ -11,14 +11,14 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
-from ..errors import InvalidRequestError, PayloadTooLargeError, WikigptError
-from ..settings import SamplingParams, describe_validation_error, field_path
+from ..decoding import KNOBS, SamplingParams
+from ..errors import InvalidRequestError, PayloadTooLargeError, WikigptError, describe_validation_error, field_path
 
 Schema = TypeVar("Schema", bound=BaseModel)
 # Deepest JSON nesting a body may have: the deepest valid request is 3 levels (a list of
@@ -44,18 +44,21 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _OpenAISampling(BaseModel):
-    """The sampling fields OpenAI's completions and chat completions share. Omitted ones take
-    wikigpt's decoding defaults (temperature 0.8, top-p 0.95, top-k 50, repetition penalty 1.1,
-    64 tokens), not OpenAI's, because those are what keeps this model's text readable."""
+def _optional_knobs() -> type[BaseModel]:
+    """SamplingParams' knobs, each optional with the same bounds: the OpenAI-style fields."""
+    fields = {name: (Annotated[SamplingParams.model_fields[name].annotation,
+                               *SamplingParams.model_fields[name].metadata] | None, None) for name in KNOBS}
+    return create_model("_OpenAIKnobs", __config__=ConfigDict(extra="forbid", strict=True), **fields)
+
+
+class _OpenAISampling(_optional_knobs()):
+    """The sampling fields OpenAI's completions and chat completions share, and vLLM's extras
+    (top_k, min_p, repetition_penalty). Omitted ones take wikigpt's decoding defaults
+    (SamplingParams), not OpenAI's, because those are what keeps this model's text readable."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = None
-    temperature: float | None = Field(None, ge=0.0, le=5.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=0, le=100_000)
-    repetition_penalty: float | None = Field(None, ge=1.0, le=2.0)
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -71,8 +74,7 @@ class _OpenAISampling(BaseModel):
     def _sampling(self, index: int, max_tokens: int | None, extra_stop: list[str] = ()) -> SamplingParams:
         """Choice `index`'s parameters: ours where a field is omitted; seeds differ per choice."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        values = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                      repetition_penalty=self.repetition_penalty, max_new_tokens=max_tokens or None,
+        values = dict({k: getattr(self, k) for k in KNOBS}, max_new_tokens=max_tokens or None,
                       seed=None if self.seed is None else (self.seed + index) % 2**63, stop=[*stop, *extra_stop])
         try:
             return SamplingParams(**{k: v for k, v in values.items() if v is not None})
@@ -167,12 +169,21 @@ _UNSUPPORTED = {"suffix": "null", "presence_penalty": "0", "frequency_penalty": 
                 "logit_bias": "{}"}
 
 
+# Where FastAPI found a bad value; it stands first in the error's location, before the field.
+_REQUEST_PARTS = ("body", "query", "path", "header")
+
+
 def invalid(exc: ValidationError | RequestValidationError) -> InvalidRequestError:
-    """A 400 naming each bad field in the body's own terms (`text`, not `--text`)."""
-    errors = exc.errors()
+    """A 400 naming each bad field in the body's own terms (`text`, not `--text` or `body.text`)."""
+    errors = [_in_body(e) for e in exc.errors()]
     param = next((path for e in errors if (path := field_path(e))), None)
     return InvalidRequestError(describe_validation_error(errors, title="invalid request", as_flags=False, limit=5,
                                                          message=_message), param=param)
+
+
+def _in_body(error: Mapping[str, Any]) -> Mapping[str, Any]:
+    loc = tuple(error.get("loc") or ())
+    return {**error, "loc": loc[1:]} if loc and loc[0] in _REQUEST_PARTS else error
 
 
 def _message(path: str, err: Mapping[str, Any]) -> str | None:

@@ -20,7 +20,8 @@ from fastapi.responses import Response, StreamingResponse
 
 from .. import __version__
 from ..errors import EngineError, InvalidRequestError, ModelNotFoundError, OverloadedError, WikigptError
-from ..settings import SamplingParams, ServeSettings
+from ..decoding import SamplingParams
+from ..settings import ServeSettings
 from .chat import AssistantText, chat_logprobs
 from .chat import render as render_chat
 from .client import CompletionStream, EngineClient

@@ -40,7 +40,8 @@ import httpx
 from ..errors import (NotReadyError, OverloadedError, ShuttingDownError, UpstreamError, UpstreamRejectedError,
                       UpstreamTimeoutError, WikigptError)
 from ..outputs import Backlog, Chunk, ChunkStream
-from ..settings import SamplingParams, ServeSettings
+from ..decoding import KNOBS, SamplingParams
+from ..settings import ServeSettings
 from ..textfilter import ContinuationFilter
 from .logprobs import from_openai, split_echo
 
@@ -71,6 +72,7 @@ class UpstreamClient:
         self.tokenizer = None
         self.lm = UpstreamModel(self.wanted or "")
         self.root: str | None = None  # the upstream's `root` (where its model came from), once known
+        self.llama_cpp = False  # llama.cpp's server (its card has `meta`): its own sampling names
         self.ready = threading.Event()
         self.not_ready_reason = f"the upstream {self.url} has not answered yet"
         self.on_step: Callable | None = None  # no decoding steps here; kept for the interface
@@ -117,9 +119,9 @@ class UpstreamClient:
         if self.in_flight >= self.max_in_flight:
             raise OverloadedError(f"the server is busy: {self.in_flight} requests are in flight to the "
                                   f"upstream (--max-batch-size + --queue-size); retry shortly")
-        body = {"model": self.lm.name, "prompt": prompt, "max_tokens": params.max_new_tokens,
-                "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
-                "repetition_penalty": params.repetition_penalty, "stream": stream}
+        knobs = {(KNOBS[k].llama_cpp if self.llama_cpp else k): v for k, v in params.knobs().items()}
+        body = {"model": self.lm.name, "prompt": prompt, "max_tokens": params.max_new_tokens, **knobs,
+                "stream": stream}
         if stream:
             body["stream_options"] = {"include_usage": True}  # token counts in a last event
         if params.seed is not None:
@@ -185,6 +187,7 @@ class UpstreamClient:
             return
         self.lm.name, self.lm.dtype = card["id"], str(card.get("dtype") or "")
         meta = card.get("meta") if isinstance(card.get("meta"), dict) else {}  # llama.cpp's server: its own card
+        self.llama_cpp = bool(meta)
         self.lm.n_params, self.lm.quantization = card.get("n_params") or meta.get("n_params"), card.get("quantization")
         self.root = card.get("root") or card["id"]
         self.context_length = card.get("max_model_len") or card.get("context_length") or meta.get("n_ctx")

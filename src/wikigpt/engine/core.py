@@ -30,7 +30,7 @@ from ..modeling import LoadedModel, serving_dtype
 from ..outputs import Backlog
 from ..quantize import quantize_model
 from ..quantize import unavailable as quantize_unavailable
-from ..settings import SamplingParams
+from ..decoding import SamplingParams
 from ..timing import best_times
 from .gpt2 import GPT2Forward, SplitForward, padded_head, unsupported_reason
 from .hf import HFForward

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from collections.abc import Callable
 
 from ..outputs import Backlog, ChunkStream
-from ..settings import SamplingParams
+from ..decoding import SamplingParams
 from .output import Chunk, RequestOutput
 from .sampling import RowSampling
 

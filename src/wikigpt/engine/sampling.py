@@ -1,6 +1,7 @@
 """Next-token choice for a batch of rows, each with its own parameters and random generator.
 
-Same order as transformers' logits processors: repetition penalty, temperature, top-k, top-p.
+Same order as transformers' logits processors: repetition penalty, temperature, top-k, top-p,
+min-p.
 Greedy rows take the argmax. Sampled rows use the exponential race: argmax(p / E) with
 E ~ Exp(1) is an exact draw from p, and drawing E from the row's own `torch.Generator`
 makes a seeded request give the same text alone or in any batch.
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..settings import SamplingParams
+from ..decoding import SamplingParams
 
 
 @dataclass
@@ -66,6 +67,9 @@ def _sample_rows(logits: torch.Tensor, rows: list[RowSampling]) -> torch.Tensor:
     top_p = torch.tensor([p.top_p for p in params], device=dev)
     if bool((top_p < 1.0).any()):  # drop tokens once the more likely ones reach top_p
         probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p[:, None], 0.0)
+    min_p = torch.tensor([p.min_p for p in params], device=dev)
+    if bool((min_p > 0.0).any()):  # sorted: column 0 is the most likely token, which stays
+        probs = probs.masked_fill(probs < min_p[:, None] * probs[:, :1], 0.0)
     # One draw per row from its own generator: a row's noise never depends on its neighbours.
     noise = torch.empty_like(probs)
     for i, r in enumerate(rows):

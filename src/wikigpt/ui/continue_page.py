@@ -20,7 +20,8 @@ import streamlit as st
 
 from wikigpt.client import BackendError, Completion, fetch_health, stream_completion
 from wikigpt.evalreport import EvalSummary
-from wikigpt.settings import SamplingParams, UISettings
+from wikigpt.decoding import KNOBS, SamplingParams
+from wikigpt.settings import UISettings
 from wikigpt.ui.common import escape_markdown, show_error
 
 EXAMPLES = (
@@ -64,13 +65,9 @@ def highlight_prompt(prompt: str) -> str:
 def sampling_request(state) -> dict:
     """The sidebar's sampling settings as /v1/completions fields (OpenAI names, vLLM extras)."""
     seed = state.get("seed")
-    body = {
-        "max_tokens": int(state["max_new_tokens"]),
-        "temperature": float(state["temperature"]),
-        "top_p": float(state["top_p"]),
-        "top_k": int(state["top_k"]),
-        "repetition_penalty": float(state["repetition_penalty"]),
-    }
+    body = {"max_tokens": int(state["max_new_tokens"])}
+    for name in KNOBS:  # the field's own type: top_k stays an int
+        body[name] = SamplingParams.model_fields[name].annotation(state[name])
     if seed is not None:
         body["seed"] = int(seed)
     return body
@@ -96,15 +93,11 @@ def _sidebar_settings() -> None:
         "Max new tokens", 1, 512, defaults.max_new_tokens,
         key="max_new_tokens", help=_field_help("max_new_tokens"),
     )
-    st.slider(
-        "Temperature", 0.0, 2.0, defaults.temperature, 0.05, key="temperature", help=_field_help("temperature"),
-    )
-    st.slider("Top-p", 0.05, 1.0, defaults.top_p, 0.05, key="top_p", help=_field_help("top_p"))
-    st.number_input("Top-k", 0, 1000, defaults.top_k, key="top_k", help=_field_help("top_k"))
-    st.slider(
-        "Repetition penalty", 1.0, 2.0, defaults.repetition_penalty, 0.05, key="repetition_penalty",
-        help=_field_help("repetition_penalty"),
-    )
+    for name, knob in KNOBS.items():
+        lo, hi, step = knob.ui
+        widget = st.number_input if SamplingParams.model_fields[name].annotation is int else st.slider
+        widget(knob.label[0].upper() + knob.label[1:], lo, hi, getattr(defaults, name), step, key=name,
+               help=_field_help(name))
     st.number_input(
         "Seed", 0, 2**31 - 1, None, key="seed", placeholder="random", help=_field_help("seed") + " Empty: random.",
     )
@@ -206,9 +199,8 @@ def _caption_for(turn: dict) -> str:
     if reason:
         bits.append(reason)
     p = turn["sampling"]
-    bits.append(
-        "greedy" if p["temperature"] == 0 else f"temperature {p['temperature']:g} · top-p {p['top_p']:g} · top-k {p['top_k']}"
-    )
+    knobs = SamplingParams(**{k: p[k] for k in KNOBS if k in p})
+    bits.append(knobs.describe().replace(", ", " · "))
     bits.append(f"seed {p['seed']}" if "seed" in p else "random seed")
     return " · ".join(bits)
 
