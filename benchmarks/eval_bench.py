@@ -5,7 +5,7 @@
 Runs `wikigpt evaluate`'s code (evaluate.evaluate_ids) on the first --max-tokens tokens of
 wiki.test.raw in each dtype and prints forward tokens/s, perplexity, the bf16/fp32 speed ratio
 and the relative perplexity difference, all from one run, so the ratios hold on a busy machine.
-It also prints what evaluate.pick_cpu_dtype() chooses on this CPU.
+It also prints what `wikigpt evaluate --dtype auto` chooses on this CPU (modeling.auto_dtype).
 
 Default model: a random DistilGPT2-shaped model (true speed; its perplexity is meaningless,
 ~vocabulary size). For the accuracy question pass a trained model: --model runs/scratch-cpu/final.
@@ -24,8 +24,8 @@ import transformers
 
 from common import SHARED, distilgpt2_shaped
 
-from wikigpt.evaluate import evaluate_ids, pick_cpu_dtype
-from wikigpt.modeling import load_model
+from wikigpt.evaluate import evaluate_ids
+from wikigpt.modeling import auto_dtype, load_model
 from wikigpt.settings import ModelSettings
 
 
@@ -43,7 +43,7 @@ def main() -> None:
     transformers.utils.logging.disable_progress_bar()
 
     start = time.perf_counter()
-    choice = pick_cpu_dtype()
+    choice = str(auto_dtype("cpu", "evaluate")).removeprefix("torch.")
     probe_s = time.perf_counter() - start
     text = Path(args.text).read_text(encoding="utf-8")
     with tempfile.TemporaryDirectory() as tmp:
@@ -59,7 +59,7 @@ def main() -> None:
     r0 = results[args.dtypes[0]]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model {path}; "
           f"{r0.n_tokens:,} tokens scored, window {r0.window}, stride {r0.stride}, batch {args.batch_size}")
-    print(f"pick_cpu_dtype() on this CPU: {choice} (probe took {probe_s:.2f} s)\n")
+    print(f"--dtype auto on this CPU: {choice} (probe took {probe_s:.2f} s)\n")
     print("| dtype | forward tok/s | perplexity | speed vs first | perplexity vs first |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for dtype, r in results.items():

@@ -4,7 +4,7 @@
 
 Prints tokens/s for each (dtype, batch) and the bf16/fp32 ratio, all measured in one run,
 so the ratios hold even on a busy machine. This is the measurement behind
-`modeling.resolve_dtype`'s choice of float32 on CPU for single-prompt generation.
+`modeling.auto_dtype`'s choice of float32 on CPU for single-prompt generation.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 from wikigpt import cli
 from wikigpt.data import split_articles
 from wikigpt.evalreport import read_eval_report
-from wikigpt.evaluate import EvalResult, count_text, evaluate_ids, pick_cpu_dtype, plan_windows
+from wikigpt.evaluate import EvalResult, count_text, evaluate_ids, plan_windows
 
 from .conftest import CORPUS
 
@@ -117,11 +117,13 @@ def test_bfloat16_agrees_with_float32(tiny_model_dir):
 
 
 @pytest.mark.parametrize("speedup, dtype", [(6.0, "bfloat16"), (0.02, "float32")])  # an AMX Xeon; emulated bf16
-def test_cpu_dtype_follows_the_bf16_probe(monkeypatch, speedup, dtype):
+def test_auto_dtype_on_cpu_follows_the_bf16_probe(monkeypatch, speedup, dtype):
     from wikigpt import modeling
 
     monkeypatch.setattr(modeling, "cpu_bf16_speedup", lambda: speedup)
-    assert pick_cpu_dtype() == dtype
+    for use in ("serve", "evaluate", "train"):
+        assert modeling.auto_dtype("cpu", use) == getattr(torch, dtype)
+    assert modeling.auto_dtype("cpu", "generate") == torch.float32  # transformers' generate: float32
 
 
 @pytest.fixture

@@ -118,7 +118,7 @@ def run_serve(s: ServeSettings) -> int:
 
     lm = load_model(s)  # a missing model fails here, before the port opens: exit code 2
     engine = Engine(lm, max_batch_size=s.max_batch_size, queue_size=s.queue_size,
-                    dtype="auto" if s.dtype == "auto" else None, compile=s.compile, stream_backlog=s.stream_backlog,
+                    dtype=s.dtype, compile=s.compile, stream_backlog=s.stream_backlog,
                     quantization=s.quantization, prefix_caching=s.prefix_caching)
     # No reload, no debug; uvicorn's own access log is off because ours (api.metrics.AccessLog) adds
     # timing and leaves out query strings. SIGTERM drains (api/server.py), then exits 0.

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import requests
 
 from .errors import WikigptError
-from .scoring import Scored, from_openai
+from .scoring import Scored
 from .settings import UISettings
 
 
@@ -206,7 +206,7 @@ def score_text(s: UISettings, text: str, top: int = 5, api_url: str | None = Non
     try:
         answer = resp.json()
         choice = answer["choices"][0]
-        return from_openai(choice["logprobs"], str(answer.get("model") or ""), top_n=top, text=text)
+        return Scored.from_openai(choice["logprobs"], str(answer.get("model") or ""), top_n=top, text=text)
     except (ValueError, KeyError, IndexError, TypeError) as exc:
         raise BackendError("The backend's answer has no token scores",
                            f"Expected OpenAI's logprobs object in choices[0] ({type(exc).__name__}: {exc}).",

@@ -41,7 +41,7 @@ from tqdm import tqdm  # text bar on stderr (tqdm.auto wants ipywidgets in noteb
 
 from .errors import ConfigError
 from .evalreport import REPORT_FILE, read_eval_report, result_key, write_eval_report  # noqa: F401 (re-exported)
-from .modeling import LoadedModel, bf16_pays
+from .modeling import LoadedModel
 from .tables import markdown_table
 
 if TYPE_CHECKING:
@@ -240,13 +240,6 @@ def evaluate_ids(
     )
 
 
-def pick_cpu_dtype() -> str:
-    """'bfloat16' where this CPU's bf16 pays (modeling.bf16_pays), else 'float32'. Accuracy is
-    not the question: with the loss taken in fp32, bf16 weights and activations move
-    perplexity by hundredths of a percent (docs/evaluation.md#the-evaluation-report-and-dtype)."""
-    return "bfloat16" if bf16_pays("cpu") else "float32"
-
-
 def fmt_ppl(x: float) -> str:
     """2 decimals, or 3 significant digits for the huge perplexities of untrained models."""
     return f"{x:.2f}" if x < 1e5 else f"{x:.3g}"
@@ -284,17 +277,6 @@ def load_eval_stream(s: EvalSettings, tokenizer, progress: bool = False) -> tupl
     return ids, source.name
 
 
-def _dtype_for(s: EvalSettings) -> str:
-    if s.dtype != "auto":
-        return s.dtype
-    from .modeling import resolve_device
-
-    device = resolve_device(s.device)
-    if device.type == "cpu":
-        return pick_cpu_dtype()
-    return "auto"  # modeling.resolve_dtype: bfloat16 on GPUs (float16 where bf16 is unsupported)
-
-
 def _tokenizer_key(lm: LoadedModel) -> str:
     tok = lm.tokenizer
     return tok.backend_tokenizer.to_str() if getattr(tok, "is_fast", False) else lm.name
@@ -310,14 +292,14 @@ def run(s: EvalSettings) -> int:
         raise ConfigError("--quantization int8 runs on CPUs only (pass --device cpu)")
     # int8 products take float32 activations (quantize.py); a full-precision row beside an int8
     # one is float32 too, so the two differ only by the weights' precision
-    dtype = "float32" if s.quantization != "none" else _dtype_for(s)
+    dtype = "float32" if s.quantization != "none" else s.dtype
     settings = [ModelSettings(model=m, revision=s.revision, device=s.device, dtype=dtype) for m in s.model]
     variants = {"none": [False], "int8": [True], "both": [False, True]}[s.quantization]
     # Check every model and the data before the first (possibly hour-long) evaluation starts,
     # so a typo in the last --model fails in seconds; one model is held in memory at a time.
     streams: dict[str, tuple[np.ndarray, str]] = {}  # tokenizer definition -> stream
     for ms in settings:
-        lm = load_model(ms)
+        lm = load_model(ms, "evaluate")
         window = s.window or lm.context_length
         if window > lm.context_length:
             raise ConfigError(f"--window {window} is longer than {ms.model}'s context ({lm.context_length} tokens)")
@@ -333,7 +315,7 @@ def run(s: EvalSettings) -> int:
     reported: list[str] = []  # the --model each result row belongs to
     for ms in settings:
         for int8 in variants:
-            lm, preloaded = preloaded or load_model(ms), None  # quantizing changes it: used once
+            lm, preloaded = preloaded or load_model(ms, "evaluate"), None  # quantizing changes it: used once
             if int8:
                 quantize_model(lm.model)
             ids, data_name = streams[_tokenizer_key(lm)]

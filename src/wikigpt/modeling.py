@@ -20,6 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -27,8 +28,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from . import hub
-from .errors import ConfigError, ModelNotFoundError
 from .decoding import SamplingParams
+from .errors import ConfigError, ModelNotFoundError
 from .settings import ModelSettings
 
 # transformers, given a Hub repository with only pickle weights, starts a thread that asks the
@@ -36,6 +37,8 @@ from .settings import ModelSettings
 # a model must not write to anyone's repository.
 os.environ.setdefault("DISABLE_SAFETENSORS_CONVERSION", "1")
 
+# What a model is loaded for; 'auto' dtypes differ between them (auto_dtype).
+Use = Literal["generate", "serve", "evaluate", "train"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -77,22 +80,30 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto': bfloat16 on CUDA (float16 where bf16 is unsupported), float32 elsewhere.
+def resolve_dtype(name: str, device: torch.device, use: Use = "generate") -> torch.dtype:
+    """The dtype a --dtype setting names: the named one, or auto_dtype's for `use`."""
+    if name == "auto":
+        return auto_dtype(device, use)
+    dtype = DTYPES[name]
+    if device.type == "cpu" and dtype == torch.float16:
+        raise ConfigError("--dtype float16 is not supported on CPU; use float32 or bfloat16")
+    return dtype
 
-    Why float32 on CPU here: this is the load for `wikigpt generate` and the notebooks, which run
-    transformers' own `generate` (benchmarks/generate_bench.py measures fp32 against bf16 there),
-    and bf16 is emulated, several times slower, on CPUs without native bf16 units. Serving,
-    evaluation and training decide with `bf16_pays` instead; the serving engine, with its own
-    forward, takes bf16 at batch 1 too where the CPU has it natively (docs/engine.md).
+
+def auto_dtype(device: torch.device | str, use: Use) -> torch.dtype:
+    """What 'auto' means, the one rule every command's --dtype / --precision follows.
+
+    GPUs: bfloat16 (float16 where bf16 is unsupported). CPUs: bfloat16 where its matmuls are
+    clearly faster (bf16_pays) for serving, evaluation and training, whose own loops gain from
+    it; float32 for `generate` and the notebooks, which run transformers' `generate`, where the
+    casts around each small product cost more than bf16 gains (benchmarks/generate_bench.py).
+    Other devices: float32.
     """
-    if name != "auto":
-        dtype = DTYPES[name]
-        if device.type == "cpu" and dtype == torch.float16:
-            raise ConfigError("--dtype float16 is not supported on CPU; use float32 or bfloat16")
-        return dtype
+    device = torch.device(device)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and use != "generate" and bf16_pays(device):
+        return torch.bfloat16
     return torch.float32
 
 
@@ -130,21 +141,11 @@ BF16_MIN_SPEEDUP = 1.5
 
 def bf16_pays(device: torch.device | str) -> bool:
     """Whether computing in bfloat16 on `device` is worth it: on CUDA, when the GPU supports
-    it; on a CPU, when its bf16 matmuls are clearly faster (cpu_bf16_speedup); never on others.
-    The one rule that serving, evaluation and training use for their 'auto' dtype."""
+    it; on a CPU, when its bf16 matmuls are clearly faster (cpu_bf16_speedup); never on others."""
     kind = torch.device(device).type
     if kind == "cuda":
         return torch.cuda.is_bf16_supported()
     return kind == "cpu" and cpu_bf16_speedup() >= BF16_MIN_SPEEDUP
-
-
-def serving_dtype(lm: LoadedModel, requested: str) -> torch.dtype:
-    """The dtype the serving engine decodes in: the loaded one, except on a CPU with --dtype
-    auto, where bfloat16 is taken when bf16_pays (decoding one sequence then reads half the
-    bytes per token, and batches run on the bf16 units)."""
-    if requested == "auto" and lm.device.type == "cpu" and bf16_pays(lm.device):
-        return torch.bfloat16
-    return lm.dtype
 
 
 def _looks_like_path(name: str) -> bool:
@@ -177,11 +178,12 @@ def _reason(exc: BaseException) -> str:
     return (lines[0] if lines else type(exc).__name__).rstrip(".:")
 
 
-def load_model(settings: ModelSettings) -> LoadedModel:
-    """Load model and tokenizer, ready for batched generation (pad = EOS, left padding)."""
+def load_model(settings: ModelSettings, use: Use = "generate") -> LoadedModel:
+    """Load model and tokenizer, ready for batched generation (pad = EOS, left padding), in the
+    dtype --dtype names (its 'auto' as auto_dtype has it for `use`)."""
     name = settings.model
     device = resolve_device(settings.device)
-    dtype = resolve_dtype(settings.dtype, device)
+    dtype = resolve_dtype(settings.dtype, device, use)
     source: str = name
     revision = settings.revision
     safetensors = True

@@ -1,4 +1,4 @@
-"""What a generation backend streams back: chunks of text and token scores.
+"""What a generation backend tells the serving layer: what it serves, chunks of text, token scores.
 
 Shared by the in-process engine and the upstream client (`serve --upstream`), and free of
 torch so that a gateway process never imports it.
@@ -7,6 +7,7 @@ torch so that a gateway process never imports it.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -14,15 +15,51 @@ from dataclasses import dataclass, field
 from .errors import SlowReaderError
 
 
+@dataclass(frozen=True)
+class ServedModel:
+    """What a backend serves, as clients are told (`GET /`, `/v1/models`)."""
+
+    name: str  # the model's name (upstream: the upstream's model id)
+    root: str | None  # where it came from: its path or Hub id (upstream: the upstream's `root`)
+    n_params: int | None
+    context_length: int | None  # most prompt + generated tokens
+    max_batch_size: int  # most completions generated together (a request's prompts x n at most)
+
+
 @dataclass
 class TokenLogprob:
     """One token's log-probability under the model's raw distribution (before repetition
-    penalty, temperature, top-k and top-p), with the most likely alternatives."""
+    penalty, temperature, top-k, top-p and min-p), with the most likely alternatives: what the
+    engine scores, the upstream relays and a client reads back."""
 
-    token_id: int
     text: str  # the token decoded on its own ("\ufffd" for part of a multi-byte character)
-    logprob: float
-    top: list[tuple[str, float]] = field(default_factory=list)  # best first
+    logprob: float | None  # ln p; None for a text's first token, which has no context
+    top: list[tuple[str, float]] = field(default_factory=list)  # [(text, ln p), ...], best first
+    token_id: int | None = None  # where known (the engine's own scores)
+
+    @property
+    def surprise(self) -> float | None:
+        """-log2 p in bits: 0 for a certain token, 1 for a coin flip, ~15.6 for 1 in 50,257."""
+        return None if self.logprob is None else -self.logprob / math.log(2)
+
+    @property
+    def p(self) -> float | None:
+        return None if self.logprob is None else math.exp(self.logprob)
+
+
+def parse_logprobs(obj: dict | None, top_n: int | None = None) -> list[TokenLogprob]:
+    """OpenAI's legacy `logprobs` object (ours, vLLM's, OpenAI's) back into scores, keeping the
+    `top_n` best alternatives; [] for none. ValueError when its lists differ in length."""
+    if not obj:
+        return []
+    tokens, values = obj.get("tokens") or [], obj.get("token_logprobs") or []
+    tops = obj.get("top_logprobs") or [None] * len(tokens)
+    if not (len(tokens) == len(values) == len(tops)):
+        raise ValueError(f"logprobs lists differ in length: {len(tokens)} tokens, {len(values)} "
+                         f"token_logprobs, {len(tops)} top_logprobs")
+    return [TokenLogprob(str(t), None if v is None else float(v),
+                         sorted(((str(k), float(x)) for k, x in (top or {}).items()), key=lambda kv: -kv[1])[:top_n])
+            for t, v, top in zip(tokens, values, tops)]
 
 
 @dataclass

@@ -16,26 +16,9 @@ compare on it; perplexity only between models that share a tokenizer.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-
-@dataclass
-class TokenScore:
-    """One token of the text: its text, ln p (None for the first token) and the model's top
-    alternatives [(text, ln p), ...], best first."""
-
-    text: str
-    logprob: float | None
-    top: list[tuple[str, float]] = field(default_factory=list)
-
-    @property
-    def surprise(self) -> float | None:
-        """-log2 p in bits: 0 for a certain token, 1 for a coin flip, ~15.6 for 1 in 50,257."""
-        return None if self.logprob is None else -self.logprob / math.log(2)
-
-    @property
-    def p(self) -> float | None:
-        return None if self.logprob is None else math.exp(self.logprob)
+from .outputs import TokenLogprob, parse_logprobs
 
 
 @dataclass
@@ -43,11 +26,17 @@ class Scored:
     """A text scored by one model."""
 
     model: str
-    tokens: list[TokenScore]
+    tokens: list[TokenLogprob]
     text: str | None = None  # the scored text itself, where known (the API echoes it)
 
+    @classmethod
+    def from_openai(cls, logprobs: dict, model: str = "", top_n: int | None = None, text: str | None = None) -> Scored:
+        """From OpenAI's legacy logprobs object (ours, vLLM's or OpenAI's), keeping the `top_n`
+        best alternatives (the object also names the chosen token, however unlikely)."""
+        return cls(model, parse_logprobs(logprobs, top_n), text)
+
     @property
-    def scored(self) -> list[TokenScore]:
+    def scored(self) -> list[TokenLogprob]:
         return [t for t in self.tokens if t.logprob is not None]
 
     @property
@@ -81,22 +70,6 @@ class Scored:
             return f"{self.model}: nothing to score (a text of one token has no scored token)"
         return (f"{self.model}: perplexity {self.perplexity:,.2f} · {self.bits_per_byte:.3f} bits per byte · "
                 f"{n} tokens scored ({self.n_bytes} bytes; the first token has no context)")
-
-
-def from_openai(logprobs: dict, model: str = "", top_n: int | None = None, text: str | None = None) -> Scored:
-    """A Scored from OpenAI's legacy logprobs object (ours, vLLM's or OpenAI's), keeping the
-    `top_n` best alternatives (the object also names the chosen token, however unlikely)."""
-    tokens, values = logprobs.get("tokens") or [], logprobs.get("token_logprobs") or []
-    tops = logprobs.get("top_logprobs") or [None] * len(tokens)
-    if not (len(tokens) == len(values) == len(tops)):
-        raise ValueError(f"logprobs lists differ in length: {len(tokens)} tokens, {len(values)} "
-                         f"token_logprobs, {len(tops)} top_logprobs")
-    out = []
-    for token, value, top in zip(tokens, values, tops):
-        ranked = sorted((top or {}).items(), key=lambda kv: -kv[1])
-        out.append(TokenScore(str(token), None if value is None else float(value),
-                              [(str(k), float(v)) for k, v in ranked][:top_n]))
-    return Scored(model, out, text)
 
 
 def spelled(scored: Scored) -> list[str]:

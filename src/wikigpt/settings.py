@@ -70,7 +70,7 @@ class ModelSettings(_ModelChoice):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weight dtype; 'auto' is bfloat16 on GPUs (float16 where bf16 is unsupported) and float32
     on CPUs, except that serving and evaluation take bfloat16 on CPUs whose bf16 matmuls are
-    clearly faster (a quick probe at start-up: modeling.bf16_pays)."""
+    clearly faster (a quick probe at start-up: modeling.auto_dtype)."""
 
 
 class GenerateSettings(ModelSettings, SamplingParams):
@@ -284,7 +284,7 @@ class TrainSettings(DataSettings, _ModelChoice):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Autocast compute dtype; master weights and optimizer state stay float32. 'auto': bf16 on
     GPUs that support it (else fp16 with loss scaling), bf16 on CPUs whose bf16 matmuls are
-    clearly faster (native units such as AMX: modeling.bf16_pays), else fp32."""
+    clearly faster (native units such as AMX: modeling.auto_dtype), else fp32."""
     compile: bool = False
     """torch.compile the model (faster steps on GPU after a minute of compiling)."""
     block_size: int = Field(256, ge=8, le=65536)

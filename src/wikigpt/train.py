@@ -37,7 +37,7 @@ from .checkpoints import (
     save_checkpoint, truncate_metrics,
 )
 from .errors import ConfigError
-from .modeling import bf16_pays, context_length, resolve_device
+from .modeling import auto_dtype, context_length, resolve_device
 from .decoding import SamplingParams
 from .settings import PrepareSettings, TrainSettings
 
@@ -56,9 +56,7 @@ def device_type(name: str) -> str:
 
 def resolve_precision(name: str, device_type: str) -> str:
     if name == "auto":
-        if device_type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "bf16" if bf16_pays(device_type) else "fp32"
+        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(auto_dtype(device_type, "train"), "fp32")
     if name == "fp16" and device_type == "cpu":
         raise ConfigError("--precision fp16 needs a GPU; on CPU use bf16 (with AMX) or fp32")
     return name

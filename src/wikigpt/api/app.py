@@ -17,7 +17,7 @@ from ..evalreport import eval_summary
 from ..errors import (AuthenticationError, InvalidRequestError, MethodNotAllowedError, NotFoundError,
                       OverloadedError, WikigptError)
 from ..settings import ServeSettings
-from .client import EngineClient
+from .engine_client import EngineClient
 from .metrics import AccessLog, Metrics
 from .protocol import error_body, invalid
 from .routes import add_routes
@@ -37,8 +37,8 @@ def create_app(settings: ServeSettings, client: EngineClient) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         client.start()
-        log.info("serving %s (context %s) with batches of up to %d", serving.name, client.context_length,
-                 client.max_batch_size)
+        m = client.model()
+        log.info("serving %s (context %s) with batches of up to %d", serving.name, m.context_length, m.max_batch_size)
         yield
         await asyncio.to_thread(client.stop)
 

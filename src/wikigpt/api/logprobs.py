@@ -8,29 +8,19 @@ As vLLM builds it: `top_logprobs[i]` holds the N most likely tokens plus the cho
 lengths in this choice, counted from the start of the echoed prompt (or of the completion).
 The first prompt token has no context, so its logprob and top entry are null.
 
-Scores come as the engine's `TokenLogprob`s (token_id, text, logprob, top) or as any object
-with those attributes; an entry may be None (the engine's first prompt token, whose text is
-then given separately) or carry `logprob=None` (an upstream's first prompt token, text known).
+Scores are `outputs.TokenLogprob`s; an entry may be None (the engine's first prompt token,
+whose text is then given separately) or carry `logprob=None` (an upstream's first prompt
+token, text known). `outputs.parse_logprobs` reads the object back.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+
+from ..outputs import TokenLogprob
 
 
-@dataclass
-class ScoredToken:
-    """A token with a known text but no score: the first prompt token."""
-
-    text: str
-    logprob: float | None = None
-    top: list[tuple[str, float]] = field(default_factory=list)
-    token_id: int | None = None
-
-
-def prompt_scores(echo_text: str, scores: Sequence[Any | None]) -> list[Any]:
+def prompt_scores(echo_text: str, scores: Sequence[TokenLogprob | None]) -> list[TokenLogprob]:
     """The prompt's scores with the first token's text filled in: the echoed text minus what
     the scored tokens spell (byte-level BPE spells a text exactly, but a token that is part of
     a multi-byte character decodes alone to U+FFFD, and then the remainder is not exact)."""
@@ -41,17 +31,17 @@ def prompt_scores(echo_text: str, scores: Sequence[Any | None]) -> list[Any]:
     first = scores[0]
     if first is None:
         text = echo_text[: len(echo_text) - len(spelled)] if echo_text.endswith(spelled) else echo_text[:1]
-        first = ScoredToken(text)
+        first = TokenLogprob(text, None)
     return [first, *rest]
 
 
-def echo_of(scores: Sequence[Any | None]) -> str:
+def echo_of(scores: Sequence[TokenLogprob | None]) -> str:
     """The prompt's text spelled by its scores (a token-id prompt on a server without a
     tokenizer: the upstream names every token, the first one included)."""
     return "".join(s.text for s in scores if s is not None)
 
 
-def logprobs_object(scores: Sequence[Any], offset: int = 0) -> tuple[dict, int]:
+def logprobs_object(scores: Sequence[TokenLogprob], offset: int = 0) -> tuple[dict, int]:
     """The `logprobs` object for `scores` whose first token starts at `offset`, and the offset
     after the last one (where the choice's next chunk continues)."""
     tokens, values, tops, offsets = [], [], [], []
@@ -69,20 +59,8 @@ def logprobs_object(scores: Sequence[Any], offset: int = 0) -> tuple[dict, int]:
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}, offset
 
 
-def from_openai(obj: dict | None) -> list[ScoredToken]:
-    """An upstream's legacy `logprobs` object back into scores (its first prompt token keeps its
-    text, with logprob None); [] when it sent none."""
-    if not obj:
-        return []
-    tokens, values = obj.get("tokens") or [], obj.get("token_logprobs") or []
-    tops = obj.get("top_logprobs") or [None] * len(tokens)
-    return [ScoredToken(str(t), None if v is None else float(v),
-                        sorted(((str(k), float(x)) for k, x in (top or {}).items()), key=lambda kv: -kv[1]))
-            for t, v, top in zip(tokens, values, tops)]
-
-
-def split_echo(prompt: str | list[int], text: str, scores: list[ScoredToken],
-               offsets: list[int] | None) -> tuple[list[ScoredToken], str, list[ScoredToken]]:
+def split_echo(prompt: str | list[int], text: str, scores: list[TokenLogprob],
+               offsets: list[int] | None) -> tuple[list[TokenLogprob], str, list[TokenLogprob]]:
     """An upstream's first echoed event (vLLM: the prompt and the first generated token in one)
     split into the prompt's scores, the generated text and the generated tokens' scores. Prompt
     tokens: as many as the token ids sent, or those that start inside the prompt's text."""

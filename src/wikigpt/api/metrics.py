@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from .client import CompletionStream, EngineClient
+from .engine_client import CompletionStream, EngineClient
 
 log = logging.getLogger("wikigpt.api")
 
@@ -33,16 +33,21 @@ class Metrics:
         self.step_batch = Histogram("wikigpt_batch_size", "Sequences per decoding step",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         Gauge("wikigpt_queue_depth", "Requests waiting for a batch slot",
-              registry=r).set_function(lambda: client.queue_depth)
+              registry=r).set_function(lambda: client.stats()["queue_depth"])
         Gauge("wikigpt_running_sequences", "Sequences in the decoding batch (upstream: in flight)",
-              registry=r).set_function(lambda: client.batch_size)
-        client.on_step = lambda rows, prefill, seconds: self.step_batch.observe(rows)
-        if client.forwards:  # the upstream client reports each forwarded completion
+              registry=r).set_function(lambda: client.stats()["running"])
+        if "upstream" in client.info():  # the upstream client reports each forwarded completion
             self.upstream = Histogram(
                 "wikigpt_upstream_request_duration_seconds",
                 "Forwarded completions: time from sending to the upstream's last byte, by outcome",
                 ["outcome"], buckets=(.01, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120), registry=r)
-            client.on_upstream = lambda seconds, outcome: self.upstream.labels(outcome).observe(seconds)
+        client.observe(self)
+
+    def on_step(self, rows: int, prefill_tokens: int, seconds: float) -> None:
+        self.step_batch.observe(rows)
+
+    def on_upstream(self, seconds: float, outcome: str) -> None:
+        self.upstream.labels(outcome).observe(seconds)
 
     def finished(self, streams: Sequence[CompletionStream], started: float) -> None:
         firsts = [s.first_token_at for s in streams if s.first_token_at is not None]

@@ -19,12 +19,11 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from .. import __version__
-from ..errors import EngineError, InvalidRequestError, ModelNotFoundError, OverloadedError, WikigptError
 from ..decoding import SamplingParams
+from ..errors import EngineError, InvalidRequestError, ModelNotFoundError, OverloadedError, WikigptError
 from ..settings import ServeSettings
 from .chat import AssistantText, chat_logprobs
-from .chat import render as render_chat
-from .client import CompletionStream, EngineClient
+from .engine_client import CompletionStream, EngineClient
 from .logprobs import echo_of, logprobs_object, prompt_scores
 from .metrics import Metrics
 from .protocol import (ChatRequest, CompletionRequest, DetokenizeRequest, PredictRequest, TokenizeRequest, error_body,
@@ -46,20 +45,20 @@ class Serving:
     @property
     def name(self) -> str:
         """The model name clients see and send (upstream: known once the upstream answered)."""
-        return self.settings.served_model_name or self.client.lm.name
+        return self.settings.served_model_name or self.client.model().name
 
     def model_card(self) -> dict:
         """vLLM's model card (`root`: where the model came from; `max_model_len`) plus our facts."""
-        c = self.client
+        m = self.client.model()
         return {"id": self.name, "object": "model", "created": self.created, "owned_by": "wikigpt",
-                "root": c.root or self.name, "parent": None, "max_model_len": c.context_length,
-                "context_length": c.context_length, "n_params": c.lm.n_params, **c.info()}
+                "root": m.root or self.name, "parent": None, "max_model_len": m.context_length,
+                "context_length": m.context_length, "n_params": m.n_params, **self.client.info()}
 
     def health(self) -> dict:
-        c = self.client
+        c, m = self.client, self.client.model()
         return {"status": "ok", "model": self.name, "ready": c.ready.is_set(), "version": __version__,
-                "context_length": c.context_length, "n_params": c.lm.n_params, **c.info(),
-                "max_batch_size": c.max_batch_size, "eval": self.evaluation, "routes": ROUTES}
+                "context_length": m.context_length, "n_params": m.n_params, **c.info(),
+                "max_batch_size": m.max_batch_size, "eval": self.evaluation, "routes": ROUTES}
 
     def check_model(self, requested: str | None) -> None:
         if requested is not None and requested != self.name:
@@ -116,7 +115,7 @@ class Serving:
         if req.top_logprobs is not None and not req.logprobs:
             raise InvalidRequestError("top_logprobs needs logprobs: true", param="top_logprobs")
         self._check_count(req.n)
-        prompt, stops = render_chat([m.model_dump() for m in req.messages], self.client.tokenizer)
+        prompt, stops = self.client.render_chat([m.model_dump() for m in req.messages])
         top_n = (req.top_logprobs or 0) if req.logprobs else None  # alternatives per token; None: no scores
         scoring = {} if top_n is None else {"logprobs": top_n}
         jobs = [(prompt, req.sampling(j, stops)) for j in range(req.n)]
@@ -139,7 +138,7 @@ class Serving:
         req = await read_body(request, TokenizeRequest, self.settings.max_body_bytes)
         self.check_model(req.model)
         ids, strings = await self.client.tokenize(req.prompt, req.add_special_tokens, req.return_token_strs)
-        return {"count": len(ids), "max_model_len": self.client.context_length, "tokens": ids, "token_strs": strings}
+        return {"count": len(ids), "max_model_len": self.client.model().context_length, "tokens": ids, "token_strs": strings}
 
     async def detokenize(self, request: Request) -> dict:
         req = await read_body(request, DetokenizeRequest, self.settings.max_body_bytes)
@@ -151,15 +150,14 @@ class Serving:
         """The prompt's text; None where the prompt's scores will spell it (token ids, no tokenizer)."""
         if isinstance(prompt, str):
             return prompt
-        if self.client.tokenizer is None and scored:
-            return None
-        if self.client.tokenizer is None:
+        text = self.client.decode_prompt(prompt)
+        if text is None and not scored:
             raise InvalidRequestError("echo of token-id prompts needs a tokenizer, which this server "
                                       "does not have (upstream mode): send the prompt as text", param="echo")
-        return self.client.tokenizer.decode(prompt)
+        return text
 
     def _check_count(self, completions: int) -> None:
-        cap = self.client.max_batch_size
+        cap = self.client.model().max_batch_size
         if completions > cap:
             raise InvalidRequestError(f"the request asks for {completions} completions (prompts x n); this "
                                       f"server generates at most {cap} per request", param="n")

@@ -32,18 +32,18 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
 
 from ..errors import (NotReadyError, OverloadedError, ShuttingDownError, UpstreamError, UpstreamRejectedError,
                       UpstreamTimeoutError, WikigptError)
-from ..outputs import Backlog, Chunk, ChunkStream
 from ..decoding import KNOBS, SamplingParams
+from ..outputs import Backlog, Chunk, ChunkStream, ServedModel, parse_logprobs
 from ..settings import ServeSettings
 from ..textfilter import ContinuationFilter
-from .logprobs import from_openai, split_echo
+from .chat import render as render_chat
+from .logprobs import split_echo
 
 log = logging.getLogger("wikigpt.upstream")
 POLL_SECONDS = 2.0  # how stale /ready may be when the upstream goes away between requests
@@ -59,7 +59,6 @@ class UpstreamModel:
 
 
 class UpstreamClient:
-    forwards = True
     def __init__(self, settings: ServeSettings) -> None:
         self.url = settings.upstream
         self.headers = {"Authorization": f"Bearer {settings.upstream_api_key}"} if settings.upstream_api_key else {}
@@ -69,14 +68,12 @@ class UpstreamClient:
         self.max_in_flight = settings.max_batch_size + settings.queue_size
         self.stream_backlog = settings.stream_backlog
         self.context_length: int | None = None
-        self.tokenizer = None
         self.lm = UpstreamModel(self.wanted or "")
         self.root: str | None = None  # the upstream's `root` (where its model came from), once known
         self.llama_cpp = False  # llama.cpp's server (its card has `meta`): its own sampling names
         self.ready = threading.Event()
         self.not_ready_reason = f"the upstream {self.url} has not answered yet"
-        self.on_step: Callable | None = None  # no decoding steps here; kept for the interface
-        self.on_upstream: Callable[[float, str], None] | None = None
+        self._observer = None  # engine_client.Observer: told of every forwarded completion
         self.in_flight = 0
         self.streams: set[UpstreamStream] = set()  # in flight: ended with ShuttingDownError by stop()
         self._http: httpx.AsyncClient | None = None
@@ -92,9 +89,24 @@ class UpstreamClient:
     def batch_size(self) -> int:
         return self.in_flight
 
+    def stats(self) -> dict:
+        return {"queue_depth": self.queue_depth, "running": self.batch_size}
+
+    def observe(self, observer) -> None:
+        self._observer = observer
+
+    def model(self) -> ServedModel:
+        return ServedModel(self.lm.name, self.root, self.lm.n_params, self.context_length, self.max_batch_size)
+
     def info(self) -> dict:
         return {"upstream": self.url, "device": f"upstream {self.url}", "dtype": self.lm.dtype,
                 "quantization": self.lm.quantization}
+
+    def render_chat(self, messages: list[dict]) -> tuple[str, list[str]]:
+        return render_chat(messages, None)  # no tokenizer here, so no template: the transcript
+
+    def decode_prompt(self, ids: list[int]) -> None:
+        return None
 
     def start(self) -> UpstreamClient:
         """Call on the event loop (the app's lifespan does)."""
@@ -301,8 +313,8 @@ class UpstreamStream(ChunkStream):
         finally:
             c.in_flight -= 1
             c.streams.discard(self)
-            if c.on_upstream is not None:
-                c.on_upstream(time.perf_counter() - started, outcome)
+            if c._observer is not None:
+                c._observer.on_upstream(time.perf_counter() - started, outcome)
 
     async def _relay(self, r: httpx.Response) -> None:
         """Upstream SSE -> our chunks, event by event; the finish comes after the usage event."""
@@ -331,7 +343,7 @@ class UpstreamStream(ChunkStream):
             self._counted = int(usage.get("completion_tokens") or 0)
             self._cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
         for choice in answer.get("choices") or ():
-            text, new = choice.get("text") or "", from_openai(choice.get("logprobs"))
+            text, new = choice.get("text") or "", parse_logprobs(choice.get("logprobs"))
             if not self._echoed:
                 self._echoed = True
                 offsets = (choice.get("logprobs") or {}).get("text_offset")

@@ -2,13 +2,13 @@
 
 - core.py: the queue, the worker thread and the decoding step (continuous batching);
 - request.py: a request inside the engine and the stream its caller reads;
-- output.py: one request's detokenization and text filtering;
+- detokenizer.py: one request's detokenization and text filtering;
 - sampling.py: per-row sampling with per-request generators;
 - gpt2.py, kv_cache.py, kernels.py: the lean GPT-2 forward on a slot-indexed KV cache;
 - hf.py: the transformers forward, for every other causal LM.
 """
 
 from .core import Engine, RequestStream
-from .output import Chunk, RequestOutput, TokenLogprob
+from .detokenizer import Chunk, Detokenizer, TokenLogprob
 
-__all__ = ["Chunk", "Engine", "RequestOutput", "RequestStream", "TokenLogprob"]
+__all__ = ["Chunk", "Engine", "Detokenizer", "RequestStream", "TokenLogprob"]

@@ -4,7 +4,7 @@
 `RequestStream`, an async iterator of `Chunk`s. The worker thread, at every step, drops rows
 whose client went away, admits waiting requests into free slots (their prompts prefilled
 together), decodes one token for every running row, samples each row with its own
-parameters and generator, and streams each row's new text through its `RequestOutput`.
+parameters and generator, and streams each row's new text through its `Detokenizer`.
 
 Why our own loop and not transformers' continuous batching (`generate_batch`): there
 `do_sample` and the random generator are global to the manager, so per-request seeds and
@@ -25,18 +25,19 @@ from collections import deque
 
 import torch
 
+from ..api.chat import render as render_chat
+from ..decoding import SamplingParams
 from ..errors import EngineError, InvalidRequestError, OverloadedError, ShuttingDownError
-from ..modeling import LoadedModel, serving_dtype
-from ..outputs import Backlog
+from ..modeling import LoadedModel, auto_dtype
+from ..outputs import Backlog, ServedModel
 from ..quantize import quantize_model
 from ..quantize import unavailable as quantize_unavailable
-from ..decoding import SamplingParams
 from ..timing import best_times
 from .gpt2 import GPT2Forward, SplitForward, padded_head, unsupported_reason
 from .hf import HFForward
 from .kernels import Kernels, choose_kernels
+from .detokenizer import Chunk, Detokenizer, token_logprobs
 from .kv_cache import SlotKVCache, common_prefix
-from .output import Chunk, RequestOutput, token_logprobs
 from .request import Request, RequestStream, deliver
 from .sampling import RowSampling, sample
 
@@ -60,16 +61,17 @@ class Engine:
 
     Every torch operation, start-up probes included, runs on the worker thread: OpenMP keeps a
     pool of threads per thread that starts parallel work, and a second pool left by the main
-    thread slowed one-sequence decoding 1.6x on a 2-core machine (58 against 95 tok/s).
+    thread competes with the worker's for the same cores.
     """
 
     def __init__(self, lm: LoadedModel, *, max_batch_size: int = 32, queue_size: int = 256,
-                 dtype: torch.dtype | str | None = None, compile: bool = False, on_step=None,
+                 dtype: torch.dtype | str | None = None, compile: bool = False,
                  stream_backlog: int = 256, quantization: str = "none", prefix_caching: bool = True) -> None:
         self.lm = lm
         self.prefix_caching = prefix_caching  # off where the forward cannot extend a slot (_build)
         self.tokenizer = lm.tokenizer
-        self.dtype = dtype or lm.dtype  # "auto" is settled by the worker, in _build
+        # "auto" is settled by the worker, in _build; a named --dtype is the loaded model's
+        self.dtype = dtype if dtype == "auto" or isinstance(dtype, torch.dtype) else lm.dtype
         self.compile = compile
         if quantization not in {"auto", "none", "int8"}:
             raise ValueError(f"quantization must be auto, none or int8, not {quantization!r}")
@@ -90,10 +92,9 @@ class Engine:
         self.vocab_size = int(lm.model.config.vocab_size)
         self.eos_id = lm.tokenizer.eos_token_id
         self.pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-        self.on_step = on_step
+        self._observer = None  # api.engine_client.Observer: told of every step
         self.ready = threading.Event()
         self.not_ready_reason = "the model is still loading"
-        self.root, self.forwards = lm.name, False
         self.tokens_generated = 0
         self.steps = 0
         self.forward: GPT2Forward | HFForward | None = None  # built by the worker (start-up probe)
@@ -114,6 +115,21 @@ class Engine:
     @property
     def batch_size(self) -> int:
         return len(self._running)
+
+    def stats(self) -> dict:
+        return {"queue_depth": self.queue_depth, "running": self.batch_size}
+
+    def observe(self, observer) -> None:
+        self._observer = observer
+
+    def model(self) -> ServedModel:
+        return ServedModel(self.lm.name, self.lm.name, self.lm.n_params, self.context_length, self.max_batch_size)
+
+    def render_chat(self, messages: list[dict]) -> tuple[str, list[str]]:
+        return render_chat(messages, self._encoder)
+
+    def decode_prompt(self, ids: list[int]) -> str:
+        return self._encoder.decode(ids)
 
     def info(self) -> dict:
         """Facts for the API's `/` route and the logs."""
@@ -159,7 +175,7 @@ class Engine:
         gen = torch.Generator(device=self.lm.device)
         gen.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
         req = Request(next(_ids), ids, params, ignore_eos, asyncio.get_running_loop(), Backlog(self.stream_backlog),
-                       RequestOutput(self._decode, params.stop, len(ids)), RowSampling(params, gen),
+                       Detokenizer(self._decode, params.stop, len(ids)), RowSampling(params, gen),
                        logprobs=0 if score_only and logprobs is None else logprobs,
                        echo=score_only or (echo and logprobs is not None), score_only=score_only)
         with self._cond:
@@ -221,7 +237,7 @@ class Engine:
         the first request does not pay for kernel selection and allocator growth."""
         model, slots = self.lm.model, self.max_batch_size
         if self.dtype == "auto":
-            self.dtype = serving_dtype(self.lm, "auto")
+            self.dtype = auto_dtype(self.lm.device, "serve")
         reason = unsupported_reason(model)
         if reason is None:
             head = padded_head(model.get_output_embeddings().weight.detach().to(self.dtype))
@@ -407,8 +423,8 @@ class Engine:
             self._release(done)
         self.tokens_generated += len(rows)
         self.steps += 1
-        if self.on_step is not None:
-            self.on_step(len(rows), sum(len(r.prompt_ids) for r in new), time.perf_counter() - t0)
+        if self._observer is not None:
+            self._observer.on_step(len(rows), sum(len(r.prompt_ids) for r in new), time.perf_counter() - t0)
 
     def _release(self, rows: list[Request]) -> None:
         """Free the rows' slots; with prefix caching each slot remembers the ids it holds."""

@@ -36,8 +36,8 @@ _ACTIVATIONS = {
 def padded_head(weight: torch.Tensor, multiple: int = 64) -> torch.Tensor:
     """The LM head with zero rows up to a multiple of 64 (nanoGPT's vocabulary padding).
     oneDNN blocks its GEMMs in 16/64-wide tiles and handles GPT-2's 50,257 rows with a slow
-    remainder path: padded to 50,304, the bf16 head at 32 rows took 8.4 ms instead of 13.0
-    (measured on the 2-core AVX512-BF16 EPYC). The extra logits are sliced off."""
+    remainder path; padded to 50,304 rows it takes the fast one. The extra logits are sliced
+    off."""
     extra = -weight.shape[0] % multiple
     return torch.cat([weight, weight.new_zeros(extra, weight.shape[1])]) if extra else weight
 
@@ -149,8 +149,8 @@ class GPT2Forward:
             pos[i] = torch.arange(s, s + width).clamp_(max=len(p) - 1)  # padding: any valid position
         ids, pos = ids.to(self.device), pos.to(self.device)
         # query t of prompt i (position starts[i] + t) sees keys 0 .. its own position; as an
-        # additive [1, 1, new, len] mask SDPA takes its flash kernel (80 new positions over 680:
-        # 1.5 ms a layer in bf16), where a boolean one falls back to the math path (4.3 ms)
+        # additive [1, 1, new, len] mask SDPA takes its flash kernel, where a boolean one falls
+        # back to the math path (about 3x slower)
         masks = [torch.zeros(1, 1, len(p) - s, len(p), dtype=self.dtype, device=self.device).masked_fill_(
                      torch.arange(len(p), device=self.device)[None] > pos[i, :len(p) - s, None], float("-inf"))
                  for i, (p, s) in enumerate(zip(prompts, starts))]
@@ -264,16 +264,14 @@ class _OneRow:
     each) is time the memory bus idles. Chained here, a block is two graph calls around the
     attention: the attention output's product, residual and layer norm with the MLP's first
     product; then the MLP's second product and residual with the next block's layer norm and
-    QKV product (or, after the last block, the final norm and the LM head). On the 2-core
-    AVX512-BF16 EPYC, 20 interleaved rounds of 20 bf16 tokens: faster in 15, best 4.9 ms per
-    token against 5.2 (the weights alone take ~4.6 ms at that machine's 35 GB/s).
+    QKV product (or, after the last block, the final norm and the LM head).
 
     Each layer norm's output is also a graph output: returned, Inductor stores it once; kept
     internal, it inlined the normalisation into the next product's loop over the weight rows
     and recomputed it for every row (2x slower). These graphs run the same compiled products
     that choose_kernels measured faster than F.linear, with fewer calls between them. The
     attention stays a call of its own: folded in too (cache writes as input mutations, the
-    span symbolic), the chain was faster in only 6 of 20 interleaved rounds.
+    span symbolic), the chain was not reliably faster (docs/engine.md#one-row-graphs).
     """
 
     def __init__(self, fw: GPT2Forward) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from ..outputs import Backlog, ChunkStream
 from ..decoding import SamplingParams
-from .output import Chunk, RequestOutput
+from .detokenizer import Chunk, Detokenizer
 from .sampling import RowSampling
 
 
@@ -26,7 +26,7 @@ class Request:
     ignore_eos: bool
     loop: asyncio.AbstractEventLoop
     out: Backlog
-    output: RequestOutput
+    output: Detokenizer
     sampling: RowSampling
     logprobs: int | None = None  # top alternatives per scored token; None: no scores
     echo: bool = False  # also score the prompt

@@ -27,11 +27,11 @@ def token_logprobs(decode: Callable[[list[int]], str], logprobs: torch.Tensor, i
         top = []
         if tops is not None:
             top = [(decode([j]), v) for j, v in zip(tops.indices[i].tolist(), tops.values[i].tolist())]
-        out.append(TokenLogprob(t, decode([t]), lp, top))
+        out.append(TokenLogprob(decode([t]), lp, top, token_id=t))
     return out
 
 
-class RequestOutput:
+class Detokenizer:
     """Detokenizes one request's tokens incrementally and filters the text.
 
     Decoding only a short window of tokens each step (as vLLM does) keeps the cost per token

@@ -9,27 +9,11 @@ The serving layer never imports either: it is handed an `EngineClient`.
 from __future__ import annotations
 
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any, Protocol, runtime_checkable
 
 from ..decoding import SamplingParams
-
-
-class Chunk(Protocol):
-    """A piece of one completion's text; the last one has `finish_reason` set.
-
-    With `logprobs` asked for, `logprobs` scores the tokens sampled since the previous chunk
-    and the first chunk's `prompt_logprobs` the prompt's (with `echo`; its first entry has no
-    score). A score has `text`, `logprob` and `top` [(text, logprob), ...], like the engine's
-    `TokenLogprob`."""
-
-    text: str
-    finish_reason: str | None
-    prompt_tokens: int
-    completion_tokens: int
-    logprobs: list[Any]
-    prompt_logprobs: list[Any] | None
-    cached_tokens: int  # of prompt_tokens, those the prefix cache held
+from ..outputs import Chunk, ServedModel
 
 
 class CompletionStream(Protocol):
@@ -53,33 +37,40 @@ class CompletionStream(Protocol):
     def cancel(self) -> None: ...
 
 
-class ModelFacts(Protocol):
-    name: str
-    n_params: int | None
-    device: Any
-    dtype: Any
+class Observer(Protocol):
+    """What a client reports as it works (api/metrics.py implements it)."""
+
+    def on_step(self, rows: int, prefill_tokens: int, seconds: float) -> None:
+        """One decoding step of the in-process engine."""
+
+    def on_upstream(self, seconds: float, outcome: str) -> None:
+        """One completion forwarded to an upstream: sending to its last byte; ok, error, cancelled."""
 
 
 @runtime_checkable
 class EngineClient(Protocol):
-    """What serving a model needs. `submit` is called on the event loop and raises
-    InvalidRequestError (bad prompt) or OverloadedError (queue full) at once."""
+    """What serving a model needs. Called on the event loop; `submit` raises InvalidRequestError
+    (bad prompt) or OverloadedError (queue full) at once. Nothing here hands out a tokenizer or
+    a model: the serving layer sees facts, streams and text."""
 
     ready: threading.Event  # set once requests can be served (model warmed up, upstream answering)
     not_ready_reason: str  # what /ready says while `ready` is not set
-    max_batch_size: int
-    context_length: int | None
-    tokenizer: Any  # decodes token-id prompts for `echo`; None where there is none
-    lm: ModelFacts
-    root: str | None  # where the model came from (its path or Hub id; upstream: its own `root`)
-    forwards: bool  # completions go to another server; then `on_upstream` reports each one
-    on_step: Callable[[int, int, float], None] | None  # (rows, prefill tokens, seconds) per step
 
-    @property
-    def queue_depth(self) -> int: ...
+    def model(self) -> ServedModel:
+        """What is served (upstream: known once the upstream answered)."""
+        ...
 
-    @property
-    def batch_size(self) -> int: ...
+    def info(self) -> dict:
+        """More facts for `GET /` and `/v1/models`: dtype and device at least."""
+        ...
+
+    def stats(self) -> dict:
+        """Live load: `queue_depth` (waiting for a slot) and `running` (decoding or in flight)."""
+        ...
+
+    def observe(self, observer: Observer) -> None:
+        """Report steps and forwarded completions to `observer` from now on."""
+        ...
 
     def submit(self, prompt: str | list[int], params: SamplingParams, *, ignore_eos: bool = False,
                max_tokens_name: str = "max_new_tokens", logprobs: int | None = None, echo: bool = False,
@@ -88,11 +79,17 @@ class EngineClient(Protocol):
         prompt too, `score_only` generates nothing (one chunk with the prompt's scores).
         `stream=False`: the client reads the answer whole, so an implementation may produce it
         in one chunk when that is cheaper (the upstream client: one JSON answer, not an SSE
-        event per token); the chunks are consumed the same way either way."""
+        event per token); the chunks are consumed the same way either way. `max_tokens_name`:
+        the request's name for the length limit, in the error a too-long request gets."""
         ...
 
-    def info(self) -> dict:
-        """Facts for `GET /` and `/v1/models`: dtype and device at least."""
+    def render_chat(self, messages: list[dict]) -> tuple[str, list[str]]:
+        """A chat's prompt and extra stop strings (chat.py: the model's template, else a transcript)."""
+        ...
+
+    def decode_prompt(self, ids: list[int]) -> str | None:
+        """A token-id prompt's text for `echo`; None where no tokenizer is at hand (upstream: the
+        upstream's scores spell it)."""
         ...
 
     async def tokenize(self, text: str, add_special_tokens: bool = True,

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from wikigpt.engine import Engine, RequestOutput
+from wikigpt.engine import Engine, Detokenizer
 from wikigpt.generation import generate
 from wikigpt.textfilter import clean_continuation
 from wikigpt.decoding import SamplingParams
@@ -15,7 +15,7 @@ from wikigpt.decoding import SamplingParams
 from .conftest import CORPUS
 
 
-def engine_text(out: RequestOutput, tokens: list[int], max_new_tokens: int) -> str:
+def engine_text(out: Detokenizer, tokens: list[int], max_new_tokens: int) -> str:
     """What the engine streams for these tokens: its calls to the output object, in order."""
     text = ""
     for t in tokens:
@@ -34,7 +34,7 @@ def engine_text(out: RequestOutput, tokens: list[int], max_new_tokens: int) -> s
     (["a", "b", "c"], ["bc"], "a"),
 ])
 def test_each_piece_reaches_the_filter_once(pieces, stop, want):
-    out = RequestOutput(lambda ids: "".join(pieces[i] for i in ids), stop)
+    out = Detokenizer(lambda ids: "".join(pieces[i] for i in ids), stop)
     assert engine_text(out, list(range(len(pieces))), len(pieces)) == want
 
 
@@ -51,7 +51,7 @@ def test_random_tokens_stops_and_lengths_match_generate(tiny_lm):
         if whole and rng.random() < 0.6:
             i = rng.randrange(len(whole))
             stop = [whole[i:i + rng.randint(1, 4)]]
-        got = engine_text(RequestOutput(decode, stop), tokens, limit)
+        got = engine_text(Detokenizer(decode, stop), tokens, limit)
         assert got == clean_continuation(whole, stop), (tokens, limit, stop)
 
 
