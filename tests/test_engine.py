@@ -143,7 +143,7 @@ def test_full_queue_and_too_long_prompt_are_refused(tiny_lm):
         eng.submit(PROMPTS[0], GREEDY)
         with pytest.raises(OverloadedError, match="queue size 1"):
             eng.submit(PROMPTS[0], GREEDY)
-        with pytest.raises(InvalidRequestError, match=r"prompt has \d+ tokens and max_new_tokens is 250.*256"):
+        with pytest.raises(InvalidRequestError, match=r"prompt has \d+ tokens and max_tokens is 250.*256"):
             eng.submit("Data science is " * 20, SamplingParams(max_new_tokens=250))
         with pytest.raises(InvalidRequestError, match="empty"):
             eng.submit("", GREEDY)
@@ -168,14 +168,14 @@ def test_bfloat16_serving_stays_close_to_float32(tiny_lm):
 
 
 def test_an_engine_whose_build_fails_half_way_refuses_requests_with_a_clear_error(tiny_lm, monkeypatch):
-    """A failure after the forward exists (here the int8 measurement) must not leave a
-    half-built engine that then fails each request with an internal TypeError."""
+    """A failure after the forward exists (here the warm-up) must not leave a half-built engine
+    that then fails each request with an internal TypeError."""
     from wikigpt.errors import EngineError
 
-    def boom(self, model, cache):
-        raise RuntimeError("measurement failed")
+    def boom(self):
+        raise RuntimeError("warm-up failed")
 
-    monkeypatch.setattr(Engine, "_choose_int8", boom)
+    monkeypatch.setattr(Engine, "_warm_up", boom)
     engine = Engine(tiny_lm, max_batch_size=2, queue_size=2, quantization="int8").start()
     try:
         assert engine.ready.wait(60)

@@ -251,14 +251,14 @@ def test_compiled_engine_decodes_a_lone_request_as_transformers_does(tiny_lm, mo
     greedy text equals transformers' generate in fp32; the lone request's token scores equal
     the per-op forward's (greedy text alone would miss small errors: the tiny random model
     repeats one word); the engine says which path ran."""
-    import wikigpt.engine.core as core
+    import wikigpt.engine.builder as builder
 
     def compiled(head, *, compile, batch, heads, head_dim, context):
         return Kernels(compiled_gemv=True, attention=compiled_attention(head.dtype, batch, heads, head_dim, context))
 
     plain = Engine(tiny_lm, max_batch_size=2).start()  # the per-op forward, built before the patch
     plain.ready.wait(120)
-    monkeypatch.setattr(core, "choose_kernels", compiled)
+    monkeypatch.setattr(builder, "choose_kernels", compiled)
     prompts = ["The history of the Roman Empire", "Data science is", "Wikipedia"]
     lengths = [12, 5, 9]
     params = [SamplingParams(max_new_tokens=n, temperature=0.0, repetition_penalty=1.0) for n in lengths]

@@ -36,20 +36,22 @@ class _Settings(BaseSettings):
     )
 
 
-class _ModelSource(_Settings):
-    """Where a model comes from: a Hub id at a revision, or a local folder."""
-
-    model: str = DEFAULT_MODEL
-    """Hugging Face Hub id (downloaded once into the HF cache) or a local model directory
-    (safetensors weights)."""
+# Groups of fields that commands compose (as run_clm composes its argument dataclasses); each
+# sits directly on _Settings, and a command lists the groups it takes in its bases, last group
+# first (pydantic lists the fields of the last base first: model, revision, device, dtype).
+class _Revision(_Settings):
     revision: str | None = None
     """Hub branch, tag or commit of --model (Hub ids only); default: the head of 'main', except
     for the default model, which is pinned to a commit."""
 
 
-class _ModelChoice(_ModelSource):
-    """A model and the device it runs on: what loading, training and evaluating share."""
+class _Model(_Settings):
+    model: str = DEFAULT_MODEL
+    """Hugging Face Hub id (downloaded once into the HF cache) or a local model directory
+    (safetensors weights)."""
 
+
+class _Device(_Settings):
     device: str = "auto"
     """'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:N' or 'mps'. Training takes no
     ':N' (pick GPUs with CUDA_VISIBLE_DEVICES; under torchrun/accelerate launch each process
@@ -64,13 +66,15 @@ class _ModelChoice(_ModelSource):
         return value
 
 
-class ModelSettings(_ModelChoice):
-    """Which model to load and where to run it."""
-
+class _Dtype(_Settings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weight dtype; 'auto' is bfloat16 on GPUs (float16 where bf16 is unsupported) and float32
     on CPUs, except that serving and evaluation take bfloat16 on CPUs whose bf16 matmuls are
     clearly faster (a quick probe at start-up: modeling.auto_dtype)."""
+
+
+class ModelSettings(_Dtype, _Device, _Revision, _Model):
+    """Which model to load and where to run it (what modeling.load_model reads)."""
 
 
 class GenerateSettings(ModelSettings, SamplingParams):
@@ -251,7 +255,7 @@ class PrepareSettings(DataSettings):
     """Model whose tokenizer to use when --tokenizer is not given (Hub id or local directory)."""
 
 
-class TrainSettings(DataSettings, _ModelChoice):
+class TrainSettings(DataSettings, _Device, _Revision, _Model):
     """Fine-tune a causal LM (or train one from random weights) on packed blocks of a text source.
 
     Defaults are a quick look (30 steps of 4,096 tokens: minutes on a laptop CPU); presets in
@@ -361,7 +365,7 @@ def _comma_list(value):
     return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
 
 
-class EvalSettings(ModelSettings, _TextSource):
+class EvalSettings(_TextSource, _Dtype, _Device, _Revision):
     """Perplexity, word perplexity and bits per byte of one or more models on a whole split,
     with a sliding window (the Hugging Face perplexity guide's method)."""
 
@@ -418,7 +422,7 @@ class DecodingCheckSettings(ModelSettings, _SampleSeed):
 
 
 
-class ReportSettings(ModelSettings, _SampleSeed):
+class ReportSettings(_SampleSeed, _Dtype, _Device, _Revision):
     """Write RUN_DIR/report.md: loss curves (PNG), base-vs-fine-tuned perplexity, sample
     continuations with the default decoding and the decoding-quality table."""
 
@@ -437,7 +441,7 @@ class ReportSettings(ModelSettings, _SampleSeed):
     """Include the greedy-vs-default decoding-quality table (about a minute for DistilGPT2 on a CPU)."""
 
 
-class ExportSettings(_ModelSource):
+class ExportSettings(_Revision, _Model):
     """Write a GPT-2-family model as one GGUF file for llama.cpp, Ollama and LM Studio, and an
     Ollama Modelfile beside it (docs/sharing.md)."""
 

@@ -178,70 +178,7 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
-# ---------------------------------------------------------------- a run's parts
-@dataclass
-class Plan:
-    """How many tokens make a step and how many steps make the run."""
-
-    accum: int  # forward/backward passes per optimizer step
-    tokens_per_step: int  # across all processes
-    max_steps: int
-    warmup: int
-
-    @classmethod
-    def of(cls, s: TrainSettings, n_train_tokens: int, world: int) -> Plan:
-        per_pass = s.batch_size * s.block_size * world
-        accum = max(1, round(s.tokens_per_step / per_pass))
-        tokens_per_step = accum * per_pass
-        max_steps = math.ceil(s.epochs * n_train_tokens / tokens_per_step) if s.epochs else s.max_steps
-        return cls(accum, tokens_per_step, max_steps, min(s.warmup_steps, max_steps))
-
-
-@dataclass
-class Progress:
-    """Where a run stands: saved in every checkpoint's trainer_state.json, restored on --resume."""
-
-    step: int = 0
-    samples_seen: int = 0
-    tokens_seen: int = 0  # counted, not step x tokens_per_step: that may change on resume
-    losses: list[float] = field(default_factory=list)
-    evals: list[dict] = field(default_factory=list)
-    train_seconds: float = 0.0
-
-
-@dataclass
-class Run:
-    """Everything the loop touches, built once by `setup`."""
-
-    s: TrainSettings
-    out: Path
-    accelerator: Any
-    precision: str
-    model: Any  # what trains (wrapped by DDP under several processes, maybe compiled)
-    raw_model: Any  # what gets saved: unwrapped, uncompiled
-    eval_model: Any  # unwrapped: DDP's forward may broadcast buffers, a collective that would
-    # hang when ranks evaluate different numbers of batches
-    tokenizer: Any
-    optimizer: Any
-    scheduler: Any
-    source: Any
-    train_tokens: np.ndarray
-    val_tokens: np.ndarray | None
-    sampler: BlockSampler
-    plan: Plan
-    progress: Progress
-    started: float = 0.0  # perf_counter at the start of this process's loop
-
-    @property
-    def main(self) -> bool:
-        return self.accelerator.is_main_process
-
-    def log(self, message: str) -> None:
-        if self.main:
-            print(f"wikigpt train: {message}", file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------- set-up
+# ---------------------------------------------------------------- a run's set-up
 def resume_point(out: Path, s: TrainSettings, accelerator) -> Path | None:
     """The checkpoint to resume from (--resume), after deleting what a killed run left
     half-written; without --resume, refuse or (--overwrite) clear a folder holding a run."""
@@ -308,44 +245,6 @@ def restore(checkpoint: Path, optimizer, scheduler) -> Progress:
                     losses=st["losses"], evals=st["evals"], train_seconds=st["train_seconds"])
 
 
-def setup(s: TrainSettings) -> Run:
-    from accelerate import Accelerator
-
-    if s.push_to_hub:  # a missing token fails now, not after the run
-        from .push import hub_token
-
-        hub_token()
-    out = Path(s.output_dir).expanduser()
-    kind = device_type(s.device)
-    precision = resolve_precision(s.precision, kind)
-    accelerator = Accelerator(cpu=kind == "cpu", mixed_precision={"fp32": "no"}.get(precision, precision),
-                              log_with=_tracker(s.report_to), project_dir=str(out))
-    resume_from = resume_point(out, s, accelerator)
-    source = wdata.resolve_source(s)
-    model, tokenizer = _load_start(s, resume_from)
-    train_tokens, val_tokens = load_data(s, source, model, tokenizer, accelerator)
-    plan = Plan.of(s, len(train_tokens), accelerator.num_processes)
-    if s.compile:
-        model = torch.compile(model)
-    optimizer, scheduler = build_optimizer(s, model, plan, kind)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    progress = restore(resume_from, optimizer, scheduler) if resume_from else Progress()
-    if resume_from and accelerator.is_main_process:
-        truncate_metrics(out / "metrics.jsonl", progress.step)
-    run = Run(s=s, out=out, accelerator=accelerator, precision=precision, model=model,
-              raw_model=accelerator.unwrap_model(model, keep_torch_compile=False),
-              eval_model=accelerator.unwrap_model(model), tokenizer=tokenizer, optimizer=optimizer,
-              scheduler=scheduler, source=source, train_tokens=train_tokens, val_tokens=val_tokens,
-              sampler=BlockSampler(wdata.num_blocks(train_tokens, s.block_size), s.seed), plan=plan, progress=progress)
-    if run.main:
-        out.mkdir(parents=True, exist_ok=True)
-    if s.report_to != "none":  # every process calls it; accelerate starts the tracker on the main one
-        config = {k: v for k, v in s.model_dump(mode="json").items() if isinstance(v, (int, float, str, bool))}
-        accelerator.init_trackers("tensorboard" if s.report_to == "tensorboard" else "wikigpt", config=config,
-                                  init_kwargs={"wandb": {"name": out.name}})
-    return run
-
-
 def _tracker(report_to: str) -> str | None:
     """accelerate's tracker name for --report-to, its package checked first: accelerate itself
     only warns and logs nowhere when the package is missing."""
@@ -359,205 +258,295 @@ def _tracker(report_to: str) -> str | None:
     return report_to
 
 
-def announce(run: Run) -> None:
-    s, plan, acc, n = run.s, run.plan, run.accelerator, run.sampler.n
-    n_params = sum(p.numel() for p in run.raw_model.parameters())
-    world, step = acc.num_processes, run.progress.step
-    run.log(f"{n_params / 1e6:.1f} M params, {run.precision} on {acc.device} x{world}; "
-            f"train {len(run.train_tokens):,} tokens ({n:,} blocks of {s.block_size}), "
-            f"{plan.tokens_per_step:,} tokens/step ({plan.accum} x {s.batch_size} x {s.block_size} x {world}), "
-            f"{plan.max_steps} steps" + (f", resuming at step {step}" if step else ""))
+# ---------------------------------------------------------------- the run
+@dataclass
+class Plan:
+    """How many tokens make a step and how many steps make the run."""
+
+    accum: int  # forward/backward passes per optimizer step
+    tokens_per_step: int  # across all processes
+    max_steps: int
+    warmup: int
+
+    @classmethod
+    def of(cls, s: TrainSettings, n_train_tokens: int, world: int) -> Plan:
+        per_pass = s.batch_size * s.block_size * world
+        accum = max(1, round(s.tokens_per_step / per_pass))
+        tokens_per_step = accum * per_pass
+        max_steps = math.ceil(s.epochs * n_train_tokens / tokens_per_step) if s.epochs else s.max_steps
+        return cls(accum, tokens_per_step, max_steps, min(s.warmup_steps, max_steps))
 
 
-# ---------------------------------------------------------------- steps
-def train_step(run: Run) -> tuple[float, float, float]:
-    """One optimizer step over plan.accum passes; returns (mean loss across processes,
-    gradient norm before clipping, seconds)."""
-    s, acc, p, plan = run.s, run.accelerator, run.progress, run.plan
-    world, rank = acc.num_processes, acc.process_index
-    t0 = time.perf_counter()
-    torch.manual_seed(hash((s.seed, p.step, rank)) % (2**63))  # dropout: a function of the step
-    loss_sum = 0.0
-    for micro in range(plan.accum):
-        base = p.samples_seen + (micro * world + rank) * s.batch_size
-        rows = wdata.get_blocks(run.train_tokens, [run.sampler.block(base + b) for b in range(s.batch_size)], s.block_size)
-        rows_t = torch.from_numpy(rows).to(acc.device, non_blocking=True)
-        sync = acc.no_sync(run.model) if micro < plan.accum - 1 else nullcontext()
-        with sync, acc.autocast():
-            loss = _loss(run.model, rows_t)
-            acc.backward(loss / plan.accum)
-        loss_sum += loss.item()
-    grad_norm = float(acc.clip_grad_norm_(run.model.parameters(), s.grad_clip)) if s.grad_clip > 0 else float("nan")
-    run.optimizer.step()
-    run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    p.step += 1
-    p.samples_seen += plan.accum * world * s.batch_size
-    p.tokens_seen += plan.tokens_per_step
-    step_loss = float(acc.reduce(torch.tensor(loss_sum / plan.accum, device=acc.device), "mean"))
-    dt = time.perf_counter() - t0
-    p.train_seconds += dt
-    p.losses.append(round(step_loss, 5))
-    return step_loss, grad_norm, dt
+@dataclass
+class Progress:
+    """Where a run stands: saved in every checkpoint's trainer_state.json, restored on --resume."""
+
+    step: int = 0
+    samples_seen: int = 0
+    tokens_seen: int = 0  # counted, not step x tokens_per_step: that may change on resume
+    losses: list[float] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+    train_seconds: float = 0.0
 
 
-def run_eval(run: Run, limit: int | None) -> dict | None:
-    if run.val_tokens is None:
-        return None
-    s, step = run.s, run.progress.step
-    loss = evaluate_loss(run.eval_model, run.val_tokens, s.block_size, s.batch_size, run.accelerator, limit)
-    rec = {"step": step, "val_loss": round(loss, 5), "val_ppl": round(math.exp(min(loss, 50)), 3),
-           "val_tokens": min(len(run.val_tokens) - 1, limit or len(run.val_tokens))}
-    run.log(f"step {step}: validation loss {loss:.4f}, perplexity {rec['val_ppl']:,.2f}")
-    # to the --report-to dashboard; accelerate's log does nothing without one
-    run.accelerator.log({"val/loss": loss, "val/perplexity": math.exp(min(loss, 50))}, step=step)
-    return rec
+@dataclass
+class Trainer:
+    """A training run: what its loop touches, built once by `Trainer.setup`, and the loop's
+    steps as methods (train_step, run_eval, checkpoint, loop, finish)."""
+
+    s: TrainSettings
+    out: Path
+    accelerator: Any
+    precision: str
+    model: Any  # what trains (wrapped by DDP under several processes, maybe compiled)
+    raw_model: Any  # what gets saved: unwrapped, uncompiled
+    eval_model: Any  # unwrapped: DDP's forward may broadcast buffers, a collective that would
+    # hang when ranks evaluate different numbers of batches
+    tokenizer: Any
+    optimizer: Any
+    scheduler: Any
+    source: Any
+    train_tokens: np.ndarray
+    val_tokens: np.ndarray | None
+    sampler: BlockSampler
+    plan: Plan
+    progress: Progress
+    started: float = 0.0  # perf_counter at the start of this process's loop
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def log(self, message: str) -> None:
+        if self.main:
+            print(f"wikigpt train: {message}", file=sys.stderr, flush=True)
+
+    @classmethod
+    def setup(cls, s: TrainSettings) -> Trainer:
+        from accelerate import Accelerator
+
+        if s.push_to_hub:  # a missing token fails now, not after the run
+            from .push import hub_token
+
+            hub_token()
+        out = Path(s.output_dir).expanduser()
+        kind = device_type(s.device)
+        precision = resolve_precision(s.precision, kind)
+        accelerator = Accelerator(cpu=kind == "cpu", mixed_precision={"fp32": "no"}.get(precision, precision),
+                                  log_with=_tracker(s.report_to), project_dir=str(out))
+        resume_from = resume_point(out, s, accelerator)
+        source = wdata.resolve_source(s)
+        model, tokenizer = _load_start(s, resume_from)
+        train_tokens, val_tokens = load_data(s, source, model, tokenizer, accelerator)
+        plan = Plan.of(s, len(train_tokens), accelerator.num_processes)
+        if s.compile:
+            model = torch.compile(model)
+        optimizer, scheduler = build_optimizer(s, model, plan, kind)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        progress = restore(resume_from, optimizer, scheduler) if resume_from else Progress()
+        if resume_from and accelerator.is_main_process:
+            truncate_metrics(out / "metrics.jsonl", progress.step)
+        trainer = cls(s=s, out=out, accelerator=accelerator, precision=precision, model=model,
+                      raw_model=accelerator.unwrap_model(model, keep_torch_compile=False),
+                      eval_model=accelerator.unwrap_model(model), tokenizer=tokenizer, optimizer=optimizer,
+                      scheduler=scheduler, source=source, train_tokens=train_tokens, val_tokens=val_tokens,
+                      sampler=BlockSampler(wdata.num_blocks(train_tokens, s.block_size), s.seed), plan=plan, progress=progress)
+        if trainer.main:
+            out.mkdir(parents=True, exist_ok=True)
+        if s.report_to != "none":  # every process calls it; accelerate starts the tracker on the main one
+            config = {k: v for k, v in s.model_dump(mode="json").items() if isinstance(v, (int, float, str, bool))}
+            accelerator.init_trackers("tensorboard" if s.report_to == "tensorboard" else "wikigpt", config=config,
+                                      init_kwargs={"wandb": {"name": out.name}})
+        return trainer
+
+    def announce(self) -> None:
+        s, plan, acc, n = self.s, self.plan, self.accelerator, self.sampler.n
+        n_params = sum(p.numel() for p in self.raw_model.parameters())
+        world, step = acc.num_processes, self.progress.step
+        self.log(f"{n_params / 1e6:.1f} M params, {self.precision} on {acc.device} x{world}; "
+                 f"train {len(self.train_tokens):,} tokens ({n:,} blocks of {s.block_size}), "
+                 f"{plan.tokens_per_step:,} tokens/step ({plan.accum} x {s.batch_size} x {s.block_size} x {world}), "
+                 f"{plan.max_steps} steps" + (f", resuming at step {step}" if step else ""))
+
+    def train_step(self) -> tuple[float, float, float]:
+        """One optimizer step over plan.accum passes; returns (mean loss across processes,
+        gradient norm before clipping, seconds)."""
+        s, acc, p, plan = self.s, self.accelerator, self.progress, self.plan
+        world, rank = acc.num_processes, acc.process_index
+        t0 = time.perf_counter()
+        torch.manual_seed(hash((s.seed, p.step, rank)) % (2**63))  # dropout: a function of the step
+        loss_sum = 0.0
+        for micro in range(plan.accum):
+            base = p.samples_seen + (micro * world + rank) * s.batch_size
+            rows = wdata.get_blocks(self.train_tokens, [self.sampler.block(base + b) for b in range(s.batch_size)], s.block_size)
+            rows_t = torch.from_numpy(rows).to(acc.device, non_blocking=True)
+            sync = acc.no_sync(self.model) if micro < plan.accum - 1 else nullcontext()
+            with sync, acc.autocast():
+                loss = _loss(self.model, rows_t)
+                acc.backward(loss / plan.accum)
+            loss_sum += loss.item()
+        grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), s.grad_clip)) if s.grad_clip > 0 else float("nan")
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        p.step += 1
+        p.samples_seen += plan.accum * world * s.batch_size
+        p.tokens_seen += plan.tokens_per_step
+        step_loss = float(acc.reduce(torch.tensor(loss_sum / plan.accum, device=acc.device), "mean"))
+        dt = time.perf_counter() - t0
+        p.train_seconds += dt
+        p.losses.append(round(step_loss, 5))
+        return step_loss, grad_norm, dt
+
+    def run_eval(self, limit: int | None) -> dict | None:
+        if self.val_tokens is None:
+            return None
+        s, step = self.s, self.progress.step
+        loss = evaluate_loss(self.eval_model, self.val_tokens, s.block_size, s.batch_size, self.accelerator, limit)
+        rec = {"step": step, "val_loss": round(loss, 5), "val_ppl": round(math.exp(min(loss, 50)), 3),
+               "val_tokens": min(len(self.val_tokens) - 1, limit or len(self.val_tokens))}
+        self.log(f"step {step}: validation loss {loss:.4f}, perplexity {rec['val_ppl']:,.2f}")
+        # to the --report-to dashboard; accelerate's log does nothing without one
+        self.accelerator.log({"val/loss": loss, "val/perplexity": math.exp(min(loss, 50))}, step=step)
+        return rec
+
+    def checkpoint(self, reason: str) -> None:
+        p = self.progress
+        state = {"step": p.step, "max_steps": self.plan.max_steps, "samples_seen": p.samples_seen, "losses": p.losses,
+                 "evals": p.evals, "train_seconds": p.train_seconds, "stopped": reason, "tokens_seen": p.tokens_seen,
+                 "settings": self.s.model_dump(mode="json")}
+        self.accelerator.wait_for_everyone()
+        if self.main:
+            path = save_checkpoint(self.out, self.raw_model, self.tokenizer, self.optimizer, self.scheduler, state,
+                                   self.s.keep_checkpoints)
+            self.log(f"checkpoint {path}")
+        self.accelerator.wait_for_everyone()
+
+    def agreed_stop(self, wants: bool) -> str | None:
+        """'interrupted', 'time limit' or None, the same on every process (or DDP would hang)."""
+        acc, s = self.accelerator, self.s
+        timed_out = bool(s.max_minutes and time.perf_counter() - self.started > s.max_minutes * 60)
+        flags = torch.tensor([float(wants), float(timed_out)], device=acc.device)
+        flags = acc.reduce(flags, "sum") if acc.num_processes > 1 else flags
+        return "interrupted" if flags[0] > 0 else "time limit" if flags[1] > 0 else None
+
+    def loop(self, should_stop: Callable[[int], bool] | None) -> tuple[str, int | None]:
+        """Steps until max_steps, a signal, should_stop or the time limit; (reason, signal)."""
+        s, p, max_steps = self.s, self.progress, self.plan.max_steps
+        bar = self._progress_bar() if self.main and s.progress else None
+        metrics = open(self.out / "metrics.jsonl", "a") if self.main else None
+        reason = None
+        self.started = time.perf_counter()
+        with _StopFlag() as stop:
+            while p.step < max_steps:
+                loss, grad_norm, dt = self.train_step()
+                self._log_step(bar, metrics, loss, grad_norm, dt)
+                if s.eval_interval and p.step % s.eval_interval == 0 and p.step < max_steps:
+                    rec = self.run_eval(s.eval_tokens)
+                    if rec:
+                        p.evals.append(rec)
+                reason = self.agreed_stop(stop.signal is not None or bool(should_stop and should_stop(p.step)))
+                if reason:
+                    break
+                if s.save_interval and p.step % s.save_interval == 0 and p.step < max_steps:
+                    self.checkpoint("periodic")
+        if bar is not None:
+            bar.close()
+        if metrics is not None:
+            metrics.close()
+        return reason or "completed", stop.signal
+
+    def _progress_bar(self):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.plan.max_steps, initial=self.progress.step, unit="step", dynamic_ncols=True, desc="train",
+                    mininterval=0.5 if sys.stderr.isatty() else 30)
+
+    def _log_step(self, bar, metrics, loss: float, grad_norm: float, dt: float) -> None:
+        lr, tok_s = self.scheduler.get_last_lr()[0], self.plan.tokens_per_step / dt
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", refresh=False)
+            bar.update(1)
+        if metrics is not None:
+            metrics.write(json.dumps({"step": self.progress.step, "loss": round(loss, 5), "lr": lr,
+                                      "grad_norm": round(grad_norm, 4), "tokens_per_s": round(tok_s, 1),
+                                      "time": round(self.progress.train_seconds, 3)}) + "\n")
+            metrics.flush()
+        self.accelerator.log({"train/loss": loss, "train/learning_rate": lr, "train/grad_norm": grad_norm,
+                              "train/tokens_per_s": tok_s}, step=self.progress.step)
+
+    def finish(self, reason: str) -> dict:
+        """Final validation, the training report and the final model (output_dir/final)."""
+        final_eval = self.run_eval(None)
+        report = self.training_report(reason, final_eval)
+        if self.main:
+            from .modeling import save_model
+
+            save_model(self.raw_model, self.tokenizer, self.out / "final", sampling=SamplingParams(),
+                       extra_files={"training_report.json": report})
+            ppl = f", validation perplexity {final_eval['val_ppl']:,.2f}" if final_eval else ""
+            self.log(f"{reason}: {report['steps']} steps, {report['tokens_seen']:,} tokens in "
+                     f"{report['train_seconds']:,.0f} s ({report['tokens_per_second']:,} tok/s){ppl}; "
+                     f"model in {self.out / 'final'}")
+            if self.s.push_to_hub:
+                self.push_final()
+        self.accelerator.wait_for_everyone()
+        return report
+
+    def push_final(self) -> None:
+        """--push-to-hub: the final model and its card to the Hub; a failure keeps the saved model
+        and says how to push it again."""
+        from .errors import WikigptError
+        from .push import push
+
+        repo_id = self.s.hub_repo_id or self.out.resolve().name
+        try:
+            url = push(self.out, repo_id, private=self.s.hub_private)
+        except WikigptError as exc:
+            exc.message += (f" (the model is saved in {self.out / 'final'}; push it with "
+                            f"`wikigpt push {self.out} --repo-id {repo_id}`)")
+            raise
+        self.log(f"pushed to the Hugging Face Hub: {url}")
+
+    def training_report(self, reason: str, final_eval: dict | None) -> dict:
+        p, plan, acc = self.progress, self.plan, self.accelerator
+        history, n_train = p.losses, len(self.train_tokens)
+        return {
+                "stopped": reason, "steps": p.step, "max_steps": plan.max_steps, "tokens_seen": p.tokens_seen,
+                "train_seconds": round(p.train_seconds, 2), "wall_seconds_this_run": round(time.perf_counter() - self.started, 2),
+                "tokens_per_second": round(p.tokens_seen / p.train_seconds, 1) if p.train_seconds else None,
+                "tokens_per_step": plan.tokens_per_step, "grad_accumulation": plan.accum, "processes": acc.num_processes,
+                "device": str(acc.device), "precision": self.precision, "torch": torch.__version__,
+                "n_params": sum(q.numel() for q in self.raw_model.parameters()),
+                "train_loss_first": history[0] if history else None,
+                "train_loss_last10": round(float(np.mean(history[-10:])), 4) if history else None,
+                "losses": history if len(history) <= 500 else history[:: math.ceil(len(history) / 500)],
+                "evals": p.evals, "validation": final_eval,
+                "data": {"source": self.source.name, "train_tokens": n_train,
+                         "validation_tokens": len(self.val_tokens) if self.val_tokens is not None else 0,
+                         "epochs": round(p.tokens_seen / n_train, 3)},
+            "settings": self.s.model_dump(mode="json"),
+        }
 
 
-def checkpoint(run: Run, reason: str) -> None:
-    p = run.progress
-    state = {"step": p.step, "max_steps": run.plan.max_steps, "samples_seen": p.samples_seen, "losses": p.losses,
-             "evals": p.evals, "train_seconds": p.train_seconds, "stopped": reason, "tokens_seen": p.tokens_seen,
-             "settings": run.s.model_dump(mode="json")}
-    run.accelerator.wait_for_everyone()
-    if run.main:
-        path = save_checkpoint(run.out, run.raw_model, run.tokenizer, run.optimizer, run.scheduler, state,
-                               run.s.keep_checkpoints)
-        run.log(f"checkpoint {path}")
-    run.accelerator.wait_for_everyone()
-
-
-def agreed_stop(run: Run, wants: bool) -> str | None:
-    """'interrupted', 'time limit' or None, the same on every process (or DDP would hang)."""
-    acc, s = run.accelerator, run.s
-    timed_out = bool(s.max_minutes and time.perf_counter() - run.started > s.max_minutes * 60)
-    flags = torch.tensor([float(wants), float(timed_out)], device=acc.device)
-    flags = acc.reduce(flags, "sum") if acc.num_processes > 1 else flags
-    return "interrupted" if flags[0] > 0 else "time limit" if flags[1] > 0 else None
-
-
-# ---------------------------------------------------------------- the loop
+# ---------------------------------------------------------------- entry points
 def train(s: TrainSettings, should_stop: Callable[[int], bool] | None = None) -> dict:
     """Run training; returns the training report (also written to output_dir/final).
 
     `should_stop(step)` is polled after every optimizer step (tests use it to interrupt a run
     at a known step, as a signal would).
     """
-    run = setup(s)
-    announce(run)
+    trainer = Trainer.setup(s)
+    trainer.announce()
     try:
-        reason, signum = loop(run, should_stop)
-        checkpoint(run, reason)
+        reason, signum = trainer.loop(should_stop)
+        trainer.checkpoint(reason)
         if reason == "interrupted":
-            run.log(f"stopped at step {run.progress.step}/{run.plan.max_steps}; continue with --resume")
-            return {"stopped": reason, "step": run.progress.step, **({"signal": signum} if signum else {})}
-        return finish(run, reason)
+            trainer.log(f"stopped at step {trainer.progress.step}/{trainer.plan.max_steps}; continue with --resume")
+            return {"stopped": reason, "step": trainer.progress.step, **({"signal": signum} if signum else {})}
+        return trainer.finish(reason)
     finally:
-        run.accelerator.end_training()  # flushes and closes the dashboards' writers
-
-
-def loop(run: Run, should_stop: Callable[[int], bool] | None) -> tuple[str, int | None]:
-    """Steps until max_steps, a signal, should_stop or the time limit; (reason, signal)."""
-    s, p, max_steps = run.s, run.progress, run.plan.max_steps
-    bar = _progress_bar(run) if run.main and s.progress else None
-    metrics = open(run.out / "metrics.jsonl", "a") if run.main else None
-    reason = None
-    run.started = time.perf_counter()
-    with _StopFlag() as stop:
-        while p.step < max_steps:
-            loss, grad_norm, dt = train_step(run)
-            _log_step(run, bar, metrics, loss, grad_norm, dt)
-            if s.eval_interval and p.step % s.eval_interval == 0 and p.step < max_steps:
-                rec = run_eval(run, s.eval_tokens)
-                if rec:
-                    p.evals.append(rec)
-            reason = agreed_stop(run, stop.signal is not None or bool(should_stop and should_stop(p.step)))
-            if reason:
-                break
-            if s.save_interval and p.step % s.save_interval == 0 and p.step < max_steps:
-                checkpoint(run, "periodic")
-    if bar is not None:
-        bar.close()
-    if metrics is not None:
-        metrics.close()
-    return reason or "completed", stop.signal
-
-
-def _progress_bar(run: Run):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=run.plan.max_steps, initial=run.progress.step, unit="step", dynamic_ncols=True, desc="train",
-                mininterval=0.5 if sys.stderr.isatty() else 30)
-
-
-def _log_step(run: Run, bar, metrics, loss: float, grad_norm: float, dt: float) -> None:
-    lr, tok_s = run.scheduler.get_last_lr()[0], run.plan.tokens_per_step / dt
-    if bar is not None:
-        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", refresh=False)
-        bar.update(1)
-    if metrics is not None:
-        metrics.write(json.dumps({"step": run.progress.step, "loss": round(loss, 5), "lr": lr,
-                                  "grad_norm": round(grad_norm, 4), "tokens_per_s": round(tok_s, 1),
-                                  "time": round(run.progress.train_seconds, 3)}) + "\n")
-        metrics.flush()
-    run.accelerator.log({"train/loss": loss, "train/learning_rate": lr, "train/grad_norm": grad_norm,
-                         "train/tokens_per_s": tok_s}, step=run.progress.step)
-
-
-def finish(run: Run, reason: str) -> dict:
-    """Final validation, the training report and the final model (output_dir/final)."""
-    final_eval = run_eval(run, None)
-    report = training_report(run, reason, final_eval)
-    if run.main:
-        from .modeling import save_model
-
-        save_model(run.raw_model, run.tokenizer, run.out / "final", sampling=SamplingParams(),
-                   extra_files={"training_report.json": report})
-        ppl = f", validation perplexity {final_eval['val_ppl']:,.2f}" if final_eval else ""
-        run.log(f"{reason}: {report['steps']} steps, {report['tokens_seen']:,} tokens in "
-                f"{report['train_seconds']:,.0f} s ({report['tokens_per_second']:,} tok/s){ppl}; "
-                f"model in {run.out / 'final'}")
-        if run.s.push_to_hub:
-            push_final(run)
-    run.accelerator.wait_for_everyone()
-    return report
-
-
-def push_final(run: Run) -> None:
-    """--push-to-hub: the final model and its card to the Hub; a failure keeps the saved model
-    and says how to push it again."""
-    from .errors import WikigptError
-    from .push import push
-
-    repo_id = run.s.hub_repo_id or run.out.resolve().name
-    try:
-        url = push(run.out, repo_id, private=run.s.hub_private)
-    except WikigptError as exc:
-        exc.message += (f" (the model is saved in {run.out / 'final'}; push it with "
-                        f"`wikigpt push {run.out} --repo-id {repo_id}`)")
-        raise
-    run.log(f"pushed to the Hugging Face Hub: {url}")
-
-
-def training_report(run: Run, reason: str, final_eval: dict | None) -> dict:
-    p, plan, acc = run.progress, run.plan, run.accelerator
-    history, n_train = p.losses, len(run.train_tokens)
-    return {
-        "stopped": reason, "steps": p.step, "max_steps": plan.max_steps, "tokens_seen": p.tokens_seen,
-        "train_seconds": round(p.train_seconds, 2), "wall_seconds_this_run": round(time.perf_counter() - run.started, 2),
-        "tokens_per_second": round(p.tokens_seen / p.train_seconds, 1) if p.train_seconds else None,
-        "tokens_per_step": plan.tokens_per_step, "grad_accumulation": plan.accum, "processes": acc.num_processes,
-        "device": str(acc.device), "precision": run.precision, "torch": torch.__version__,
-        "n_params": sum(q.numel() for q in run.raw_model.parameters()),
-        "train_loss_first": history[0] if history else None,
-        "train_loss_last10": round(float(np.mean(history[-10:])), 4) if history else None,
-        "losses": history if len(history) <= 500 else history[:: math.ceil(len(history) / 500)],
-        "evals": p.evals, "validation": final_eval,
-        "data": {"source": run.source.name, "train_tokens": n_train,
-                 "validation_tokens": len(run.val_tokens) if run.val_tokens is not None else 0,
-                 "epochs": round(p.tokens_seen / n_train, 3)},
-        "settings": run.s.model_dump(mode="json"),
-    }
+        trainer.accelerator.end_training()  # flushes and closes the dashboards' writers
 
 
 def run(s: TrainSettings) -> int:

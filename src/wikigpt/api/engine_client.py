@@ -73,14 +73,14 @@ class EngineClient(Protocol):
         ...
 
     def submit(self, prompt: str | list[int], params: SamplingParams, *, ignore_eos: bool = False,
-               max_tokens_name: str = "max_new_tokens", logprobs: int | None = None, echo: bool = False,
+               logprobs: int | None = None, echo: bool = False,
                score_only: bool = False, stream: bool = True) -> CompletionStream:
         """`logprobs=N` scores each generated token with its N best alternatives, `echo` the
         prompt too, `score_only` generates nothing (one chunk with the prompt's scores).
         `stream=False`: the client reads the answer whole, so an implementation may produce it
         in one chunk when that is cheaper (the upstream client: one JSON answer, not an SSE
-        event per token); the chunks are consumed the same way either way. `max_tokens_name`:
-        the request's name for the length limit, in the error a too-long request gets."""
+        event per token); the chunks are consumed the same way either way. Refusals name
+        OpenAI's fields (`max_tokens`)."""
         ...
 
     def render_chat(self, messages: list[dict]) -> tuple[str, list[str]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -70,8 +71,12 @@ class Serving:
         """The original contract: `{"text": "Data Science is"}` -> `{"predictions": text + continuation}`."""
         started = time.perf_counter()
         req = await read_body(request, PredictRequest, self.settings.max_body_bytes)
-        streams = self._submit([(req.text, req.sampling())], False, "max_new_tokens", streamed=False)
-        outs = await self._collect(request, streams, started)
+        try:
+            streams = self._submit([(req.text, req.sampling())], False, streamed=False)
+            outs = await self._collect(request, streams, started)
+        except WikigptError as exc:  # refusals name OpenAI's max_tokens; this route takes max_new_tokens
+            exc.message = re.sub(r"\bmax_tokens\b", "max_new_tokens", exc.message)
+            raise
         if outs is None:
             return Response(status_code=499)  # nginx's "client closed request": nobody reads it
         s = streams[0]
@@ -89,7 +94,7 @@ class Serving:
         jobs = [(p, req.sampling(i * n + j)) for i, p in enumerate(prompts) for j in range(n)]
         self._check_count(len(jobs))
         echoes = [self._echo(p, scored) if req.echo else "" for p in prompts for _ in range(n)]
-        streams = self._submit(jobs, req.ignore_eos, "max_tokens", streamed=req.stream, **scoring)
+        streams = self._submit(jobs, req.ignore_eos, streamed=req.stream, **scoring)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": self.name}
         if not req.stream:
@@ -119,7 +124,7 @@ class Serving:
         top_n = (req.top_logprobs or 0) if req.logprobs else None  # alternatives per token; None: no scores
         scoring = {} if top_n is None else {"logprobs": top_n}
         jobs = [(prompt, req.sampling(j, stops)) for j in range(req.n)]
-        streams = self._submit(jobs, req.ignore_eos, "max_tokens", streamed=req.stream, **scoring)
+        streams = self._submit(jobs, req.ignore_eos, streamed=req.stream, **scoring)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": self.name}
         if not req.stream:
@@ -162,15 +167,14 @@ class Serving:
             raise InvalidRequestError(f"the request asks for {completions} completions (prompts x n); this "
                                       f"server generates at most {cap} per request", param="n")
 
-    def _submit(self, jobs: list[Job], ignore_eos: bool, max_tokens_name: str, streamed: bool,
+    def _submit(self, jobs: list[Job], ignore_eos: bool, streamed: bool,
                 **scoring) -> list[CompletionStream]:
         """All jobs or none: a refusal of one cancels those already queued. `scoring`: the
         engine's logprobs/echo/score_only, passed only when asked for."""
         streams: list[CompletionStream] = []
         try:
             for prompt, params in jobs:
-                streams.append(self.client.submit(prompt, params, ignore_eos=ignore_eos, stream=streamed,
-                                                  max_tokens_name=max_tokens_name, **scoring))
+                streams.append(self.client.submit(prompt, params, ignore_eos=ignore_eos, stream=streamed, **scoring))
         except BaseException as exc:
             _cancel(streams)
             if isinstance(exc, OverloadedError):

@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import threading
 import time
 from dataclasses import dataclass
@@ -123,7 +122,7 @@ class UpstreamClient:
             asyncio.run_coroutine_threadsafe(self._close(), self._loop).result(10)
 
     def submit(self, prompt: str | list[int], params: SamplingParams, *, ignore_eos: bool = False,
-               max_tokens_name: str = "max_new_tokens", logprobs: int | None = None, echo: bool = False,
+               logprobs: int | None = None, echo: bool = False,
                score_only: bool = False, stream: bool = True) -> UpstreamStream:
         """`stream=False`: nobody reads the text piece by piece, so ask for one JSON answer."""
         if not self.lm.name:
@@ -146,7 +145,7 @@ class UpstreamClient:
             body.update(logprobs=logprobs or 0, echo=echo or score_only)
         if score_only:
             body["max_tokens"] = 0
-        return UpstreamStream(self, body, params.stop, max_tokens_name)
+        return UpstreamStream(self, body, params.stop)
 
     async def tokenize(self, text: str, add_special_tokens: bool = True,
                        with_strings: bool = False) -> tuple[list[int], list[str] | None]:
@@ -249,9 +248,9 @@ class UpstreamClient:
 class UpstreamStream(ChunkStream):
     """One forwarded completion; the same surface as the engine's RequestStream, plus `opened()`."""
 
-    def __init__(self, client: UpstreamClient, body: dict, stop: list[str], max_tokens_name: str) -> None:
+    def __init__(self, client: UpstreamClient, body: dict, stop: list[str]) -> None:
         super().__init__(Backlog(client.stream_backlog))
-        self._client, self._body, self._name = client, body, max_tokens_name
+        self._client, self._body = client, body
         self._filter, self._reason = ContinuationFilter(stop), None
         self._pieces, self._counted = 0, 0  # text pieces seen; the upstream's own count (usage)
         self._cached = 0  # usage.prompt_tokens_details.cached_tokens (vLLM's prefix cache)
@@ -302,9 +301,6 @@ class UpstreamStream(ChunkStream):
             elif not isinstance(exc, WikigptError):
                 log.exception("forwarding to the upstream failed")
                 exc = UpstreamError(f"the upstream {c.url} sent an answer this server cannot read")
-            elif isinstance(exc, UpstreamRejectedError) and self._name != "max_tokens":
-                # the upstream names OpenAI's field; the client sent ours (/predict: max_new_tokens)
-                exc.message = re.sub(r"\bmax_tokens\b", self._name, exc.message)
             outcome = "error"
             if not self._opened.done():
                 self._opened.set_exception(exc)

@@ -1,6 +1,7 @@
 """The serving engine, the only serving code that touches torch.
 
-- core.py: the queue, the worker thread and the decoding step (continuous batching);
+- core.py: the scheduler: the queue, the worker thread and the decoding step (continuous batching);
+- builder.py: the forward it drives, with dtype, kernels and int8 weights chosen by measurement;
 - request.py: a request inside the engine and the stream its caller reads;
 - detokenizer.py: one request's detokenization and text filtering;
 - sampling.py: per-row sampling with per-request generators;

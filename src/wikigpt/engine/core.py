@@ -28,16 +28,11 @@ import torch
 from ..api.chat import render as render_chat
 from ..decoding import SamplingParams
 from ..errors import EngineError, InvalidRequestError, OverloadedError, ShuttingDownError
-from ..modeling import LoadedModel, auto_dtype
+from ..modeling import LoadedModel
 from ..outputs import Backlog, ServedModel
-from ..quantize import quantize_model
-from ..quantize import unavailable as quantize_unavailable
-from ..timing import best_times
-from .gpt2 import GPT2Forward, SplitForward, padded_head, unsupported_reason
-from .hf import HFForward
-from .kernels import Kernels, choose_kernels
+from .builder import Forward, build
 from .detokenizer import Chunk, Detokenizer, token_logprobs
-from .kv_cache import SlotKVCache, common_prefix
+from .kv_cache import common_prefix
 from .request import Request, RequestStream, deliver
 from .sampling import RowSampling, sample
 
@@ -97,8 +92,7 @@ class Engine:
         self.not_ready_reason = "the model is still loading"
         self.tokens_generated = 0
         self.steps = 0
-        self.forward: GPT2Forward | HFForward | None = None  # built by the worker (start-up probe)
-        self.kernels = Kernels()
+        self.forward: Forward | None = None  # built by the worker (builder.py)
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []
         self._history: torch.Tensor | None = None  # [slots, context] ids, for the repetition penalty
@@ -133,12 +127,7 @@ class Engine:
 
     def info(self) -> dict:
         """Facts for the API's `/` route and the logs."""
-        kernels = None
-        if isinstance(self.forward, SplitForward):
-            kernels = (f"up to {self.forward.rows} rows: {_describe(self.forward.small)}; "
-                       f"more rows and prefill: {_describe(self.forward.large)}")
-        elif isinstance(self.forward, GPT2Forward):
-            kernels = _describe(self.forward)
+        kernels = self.forward.describe() if self.forward is not None else None
         if kernels and self.int8_timing:
             kernels += f"; {self.int8_timing}"
         return {"dtype": str(self.dtype).removeprefix("torch."), "device": str(self.lm.device),
@@ -158,7 +147,7 @@ class Engine:
         return self._encoder.decode(ids)
 
     def submit(self, prompt: str | list[int], params: SamplingParams, *, ignore_eos: bool = False,
-               max_tokens_name: str = "max_new_tokens", logprobs: int | None = None, echo: bool = False,
+               logprobs: int | None = None, echo: bool = False,
                score_only: bool = False, stream: bool = True) -> RequestStream:
         """Queue a request (call on the event loop). Raises OverloadedError when the queue is full.
         `stream` changes nothing here: chunks are made per step either way.
@@ -171,7 +160,7 @@ class Engine:
             raise InvalidRequestError(f"logprobs must be between 0 and {MAX_LOGPROBS}", param="logprobs")
         if score_only:
             params = params.model_copy(update={"max_new_tokens": 1})  # the context check below
-        self._check(ids, params, max_tokens_name)
+        self._check(ids, params)
         gen = torch.Generator(device=self.lm.device)
         gen.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
         req = Request(next(_ids), ids, params, ignore_eos, asyncio.get_running_loop(), Backlog(self.stream_backlog),
@@ -189,7 +178,8 @@ class Engine:
             self._cond.notify()
         return RequestStream(req, self._wake)
 
-    def _check(self, ids: list[int], params: SamplingParams, max_tokens_name: str) -> None:
+    def _check(self, ids: list[int], params: SamplingParams) -> None:
+        """Refusals in OpenAI's terms (`max_tokens`, as vLLM words them); /predict rewords its own."""
         if not ids:
             raise InvalidRequestError("the prompt is empty: send at least one token of text", param="prompt")
         self._check_ids(ids, "prompt")
@@ -199,9 +189,9 @@ class Engine:
             if params.max_new_tokens < ctx:
                 fixes.append(f"shorten the prompt to at most {ctx - params.max_new_tokens} tokens")
             if n < ctx:
-                fixes.append(f"lower {max_tokens_name} to at most {ctx - n}")
+                fixes.append(f"lower max_tokens to at most {ctx - n}")
             raise InvalidRequestError(
-                f"the prompt has {n} tokens and {max_tokens_name} is {params.max_new_tokens}: together "
+                f"the prompt has {n} tokens and max_tokens is {params.max_new_tokens}: together "
                 f"they exceed the model's context of {ctx} tokens; " + (" or ".join(fixes) or "shorten the prompt"),
                 param="prompt")
 
@@ -233,92 +223,26 @@ class Engine:
         self._running = []
 
     def _build(self) -> None:
-        """Pick the forward and its kernels, then warm up: one prefill and one decode step, so
-        the first request does not pay for kernel selection and allocator growth."""
-        model, slots = self.lm.model, self.max_batch_size
-        if self.dtype == "auto":
-            self.dtype = auto_dtype(self.lm.device, "serve")
-        reason = unsupported_reason(model)
-        if reason is None:
-            head = padded_head(model.get_output_embeddings().weight.detach().to(self.dtype))
-            cfg = model.config
-            self.kernels = choose_kernels(head, compile=self.compile, batch=slots, heads=cfg.n_head,
-                                          head_dim=cfg.n_embd // cfg.n_head, context=self.context_length)
-            cache = SlotKVCache(model.config.n_layer, slots, model.config.n_head, self.context_length,
-                                model.config.n_embd // model.config.n_head, self.dtype, self.lm.device)
-            self.forward = GPT2Forward(model, cache, self.dtype, self.kernels)
-            if self.quantization != "none":
-                self._choose_int8(model, cache)
-        else:
-            log.info("transformers forward (%s)", reason)
-            if self.quantization == "int8":  # asked for: every linear layer int8, activations float32
-                self._require_int8()
-                self.dtype = torch.float32
-                model = quantize_model(copy.deepcopy(model).float().eval())
-            elif self.dtype != self.lm.dtype:
-                model = copy.deepcopy(model).to(self.dtype).eval()
-            self.quantization = "int8" if self.quantization == "int8" else "none"  # auto: not measured here
-            self.forward = HFForward(model, slots, self.pad_id)
-        self._history = torch.zeros(slots, self.context_length, dtype=torch.long, device=self.lm.device)
+        """Build the forward (builder.py), then warm up."""
+        built = build(self.lm, dtype=self.dtype, quantization=self.quantization, compile=self.compile,
+                      slots=self.max_batch_size, context_length=self.context_length, eos_id=self.eos_id,
+                      pad_id=self.pad_id)
+        self.dtype, self.quantization, self.int8_timing = built.dtype, built.quantization, built.int8_timing
+        self._history = torch.zeros(self.max_batch_size, self.context_length, dtype=torch.long, device=self.lm.device)
+        self.forward = built.forward
+        self.prefix_caching = self.prefix_caching and hasattr(self.forward, "allocate_for")
+        self._warm_up()
+        log.info("engine: %s", self.info())
+
+    def _warm_up(self) -> None:
+        """One prefill and one decoding step, so the first request does not pay for kernel
+        selection and allocator growth."""
         slot = self.forward.allocate()
         self.forward.prefill([slot], [[self.eos_id] * 4])
         self.forward.decode([slot], torch.tensor([self.eos_id], device=self.lm.device))
         self.forward.release([slot])
-        self.prefix_caching = self.prefix_caching and hasattr(self.forward, "allocate_for")
         if self.prefix_caching:
-            self.forward.cache.forget()  # the probes' prompts are nobody's
-        log.info("engine: %s", self.info())
-
-    def _int8_unavailable(self) -> str | None:
-        """Why int8 weights cannot be served here, or None."""
-        return "int8 weights run on CPUs only" if self.lm.device.type != "cpu" else quantize_unavailable()
-
-    def _require_int8(self) -> None:
-        if why := self._int8_unavailable():
-            raise EngineError(f"--quantization int8 cannot be served here: {why}")
-
-    def _choose_int8(self, model, cache: SlotKVCache) -> None:
-        """Serve int8 weights (quantize.py) if asked to, or with "auto" where decoding steps are
-        faster with them: both forwards are timed on this CPU side by side at 1, 2, 4, ... rows up
-        to --max-batch-size, and int8 serves steps up to the largest row count where it won
-        (one sequence first: a chat or the web UI). Where full precision won at more rows, its
-        weights stay loaded beside the int8 ones (DistilGPT2: 81 MB more than int8 alone's
-        ~330 MB of weights in bf16 and packed copies) and serve those steps and every prefill."""
-        if self.quantization == "auto" and (why := self._int8_unavailable()):
-            log.info("int8 weights not tried: %s", why)
-            self.quantization = "none"
-            return
-        self._require_int8()
-        int8 = GPT2Forward(model, cache, self.dtype, Kernels(int8=True, attention=self.kernels.attention))
-        rows = self.max_batch_size if self.quantization == "int8" else self._int8_rows(int8, cache)
-        if rows == 0:
-            self.quantization = "none"
-        else:
-            self.quantization = "int8"
-            self.forward = int8 if rows >= self.max_batch_size else SplitForward(int8, self.forward, rows)
-
-    def _int8_rows(self, int8: GPT2Forward, cache: SlotKVCache) -> int:
-        """The most rows at which int8's decoding step was faster (0: not even at one row)."""
-        full, token, won, found = self.forward, torch.tensor([self.eos_id], device=self.lm.device), 0, []
-        counts = sorted({min(2 ** i, self.max_batch_size) for i in range(self.max_batch_size.bit_length() + 1)})
-        for n in counts:
-            slots = [cache.allocate() for _ in range(n)]
-            try:
-                full.prefill(slots, [[self.eos_id] * 4] * n)
-                tokens = token.expand(n)
-                full_s, int8_s = best_times(lambda: full.decode(slots, tokens), lambda: int8.decode(slots, tokens),
-                                            seconds=0.5, runs=10)
-            finally:
-                for s in slots:
-                    cache.release(s)
-            found.append(f"{n} {int8_s * 1e3:.2f}/{full_s * 1e3:.2f}")
-            if int8_s >= full_s:
-                break
-            won = n
-        dtype = str(self.dtype).removeprefix("torch.")
-        self.int8_timing = f"decoding step, rows int8/{dtype} ms: {', '.join(found)}"
-        log.info("%s: int8 serves steps of up to %d rows", self.int8_timing, won)
-        return won
+            self.forward.cache.forget()  # the warm-up's prompt is nobody's
 
     # ---- worker side --------------------------------------------------------------------
     def _run(self) -> None:
@@ -532,9 +456,3 @@ class Engine:
             self._emit(r, out.chunk(text))
         r.last = token
         return True
-
-
-def _describe(forward: GPT2Forward) -> str:
-    """The kernels a lean forward runs, for `/` and the logs."""
-    chained = "; one sequence alone: the blocks as chained compiled graphs" if forward.one_row is not None else ""
-    return forward.kernels.describe() + chained

@@ -230,15 +230,19 @@ class GPT2Forward:
         for i, s in enumerate(slots):
             self.cache.release(s, held[i] if held else None)
 
+    def describe(self) -> str:
+        """The kernels it runs, for `/` and the logs."""
+        chained = "; one sequence alone: the blocks as chained compiled graphs" if self.one_row is not None else ""
+        return self.kernels.describe() + chained
+
 
 class SplitForward:
     """Two forwards over one KV cache: `small` (int8 weights) for decoding steps of up to `rows`
     rows, `large` (full precision) for larger steps and for prefill, where the start-up
-    measurement found full precision faster (engine core: Engine._choose_int8)."""
+    measurement found full precision faster (builder.int8_rows)."""
 
     def __init__(self, small: GPT2Forward, large: GPT2Forward, rows: int) -> None:
         self.small, self.large, self.rows, self.cache = small, large, rows, large.cache
-        self.one_row = None  # one row is int8's
 
     def prefill(self, slots: list[int], prompts: list[list[int]], every_position: bool = False):
         return self.large.prefill(slots, prompts, every_position)
@@ -254,6 +258,9 @@ class SplitForward:
 
     def release(self, slots: list[int], held: list[list[int]] | None = None) -> None:
         self.large.release(slots, held)
+
+    def describe(self) -> str:
+        return f"up to {self.rows} rows: {self.small.describe()}; more rows and prefill: {self.large.describe()}"
 
 
 class _OneRow:

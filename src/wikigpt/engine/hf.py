@@ -51,7 +51,7 @@ def _left_pad(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
 
 
 class HFForward:
-    """Same interface as GPT2Forward: allocate/release slots, prefill, decode."""
+    """Same interface as GPT2Forward (builder.Forward): allocate/release slots, prefill, decode."""
 
     def __init__(self, model, slots: int, pad_id: int) -> None:
         self.model, self.pad_id = model, pad_id
@@ -65,7 +65,11 @@ class HFForward:
     def allocate(self) -> int:
         return heapq.heappop(self._free)
 
-    def release(self, slots: list[int]) -> None:
+    def describe(self) -> None:
+        return None  # transformers' own kernels
+
+    def release(self, slots: list[int], held: list[list[int]] | None = None) -> None:
+        """`held` is ignored: no prefix cache here (its KV lives in transformers' cache)."""
         for s in slots:
             heapq.heappush(self._free, s)
         keep = [i for i, s in enumerate(self.rows) if s not in slots]
