@@ -93,6 +93,21 @@ def test_the_file_holds_llama_cpps_names_types_tokenizer_and_the_weights(model_d
     modelfile = (files / "tiny-q8_0.Modelfile").read_text()
     assert modelfile.startswith("FROM ./tiny-q8_0.gguf\n") and 'PARAMETER stop "<|endoftext|>"' in modelfile
     assert "PARAMETER temperature 0.8" in modelfile and "PARAMETER num_ctx 256" in modelfile
+    assert "PARAMETER min_p 0.0" in modelfile and "PARAMETER repeat_penalty 1.1" in modelfile
+    q8 = gguf.GGUFReader(files / "tiny-q8_0.gguf").fields
+    assert q8["general.sampling.temp"].contents() == pytest.approx(0.8)
+    assert q8["general.sampling.top_k"].contents() == 50 and q8["general.sampling.min_p"].contents() == 0.0
+
+
+def test_a_greedy_model_is_exported_greedy():
+    """transformers says greedy with do_sample false; llama.cpp and Ollama would sample by default."""
+    from transformers import GenerationConfig
+
+    from wikigpt.export import modelfile, sampling_defaults
+
+    greedy = GenerationConfig(do_sample=False, repetition_penalty=1.2)
+    assert sampling_defaults(greedy) == {"temperature": 0.0, "repetition_penalty": 1.2}
+    assert "PARAMETER temperature 0.0\nPARAMETER repeat_penalty 1.2" in modelfile("m.gguf", greedy, None, 64)
 
 
 def test_what_cannot_be_exported_is_refused_clearly(tmp_path, model_dir):

@@ -96,8 +96,7 @@ def write_gguf(model, tokenizer, path: Path, outtype: str, name: str) -> dict[st
     writer.add_layer_norm_eps(cfg.layer_norm_epsilon)
     writer.add_file_type(ftype)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    # the decoding defaults, which llama.cpp's server takes from general.sampling.*
-    for knob, value in SamplingParams.from_generation_config(model.generation_config).knobs(effective=True).items():
+    for knob, value in sampling_defaults(model.generation_config).items():  # llama.cpp's server's defaults
         add = writer.add_int32 if isinstance(value, int) else writer.add_float32
         add(f"general.sampling.{KNOBS[knob].gguf}", value)
 
@@ -145,12 +144,18 @@ def write_gguf(model, tokenizer, path: Path, outtype: str, name: str) -> dict[st
     return counts
 
 
+def sampling_defaults(generation_config) -> dict:
+    """A model's decoding defaults by knob, as llama.cpp and Ollama take them: greedy is
+    temperature 0 (transformers says it with do_sample false, and their default is to sample)."""
+    params = SamplingParams.from_generation_config(generation_config)
+    return ({"temperature": 0.0} if params.greedy else {}) | params.knobs(effective=True)
+
+
 def modelfile(gguf_name: str, generation_config, eos: str | None, context: int) -> str:
     """An Ollama Modelfile for the file: the model's decoding defaults, its end-of-text token as
     the stop, the raw prompt as the template (a base model has no chat format)."""
     lines = [f"FROM ./{gguf_name}", 'TEMPLATE """{{ .Prompt }}"""', f"PARAMETER num_ctx {context}"]
-    knobs = SamplingParams.from_generation_config(generation_config).knobs(effective=True)
-    lines += [f"PARAMETER {KNOBS[knob].llama_cpp} {value}" for knob, value in knobs.items()]
+    lines += [f"PARAMETER {KNOBS[knob].llama_cpp} {value}" for knob, value in sampling_defaults(generation_config).items()]
     if eos:
         lines.append(f"PARAMETER stop {json.dumps(eos)}")
     return "\n".join(lines) + "\n"
