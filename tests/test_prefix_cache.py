@@ -154,7 +154,9 @@ def test_a_remembered_slot_below_a_running_one_keeps_its_keys(engines):
     short, long = TEXT[:70], "Wikipedia is a free encyclopedia " * 3
 
     async def pair():  # the short one ends in slot 0 while the long one decodes on in slot 1
-        a = on.submit(short, GREEDY.model_copy(update={"max_new_tokens": 4}), ignore_eos=True).__aiter__()
+        # 16 tokens: the short one is still running when the long one is admitted, even on a
+        # loaded machine (with 4 it could finish first and leave slot 0 to the long one)
+        a = on.submit(short, GREEDY.model_copy(update={"max_new_tokens": 16}), ignore_eos=True).__aiter__()
         await a.__anext__()  # running in slot 0: the long one takes slot 1
         b = on.submit(long, GREEDY.model_copy(update={"max_new_tokens": 40}), ignore_eos=True)
         return [c async for c in a], await b.text()
