@@ -100,7 +100,8 @@ def test_the_file_holds_llama_cpps_names_types_tokenizer_and_the_weights(model_d
 
 
 def test_a_greedy_model_is_exported_greedy():
-    """transformers says greedy with do_sample false; llama.cpp and Ollama would sample by default."""
+    """transformers says greedy with do_sample false; llama.cpp and Ollama would sample by default.
+    A knob the model's config leaves unset is exported as transformers' generate fills it in."""
     from transformers import GenerationConfig
 
     from wikigpt.export import modelfile, sampling_defaults
@@ -108,6 +109,10 @@ def test_a_greedy_model_is_exported_greedy():
     greedy = GenerationConfig(do_sample=False, repetition_penalty=1.2)
     assert sampling_defaults(greedy) == {"temperature": 0.0, "repetition_penalty": 1.2}
     assert "PARAMETER temperature 0.0\nPARAMETER repeat_penalty 1.2" in modelfile("m.gguf", greedy, None, 64)
+    # a knob the config leaves unset is what transformers' generate uses for it, not our default
+    assert sampling_defaults(GenerationConfig()) == {"temperature": 0.0, "repetition_penalty": 1.0}
+    assert sampling_defaults(GenerationConfig(do_sample=True, temperature=0.7)) == {
+        "temperature": 0.7, "top_p": 1.0, "top_k": 50, "min_p": 0.0, "repetition_penalty": 1.0}
 
 
 def test_what_cannot_be_exported_is_refused_clearly(tmp_path, model_dir):

@@ -46,7 +46,7 @@ class SamplingParams(BaseModel):
 
     max_new_tokens: int = Field(64, ge=1, le=4096)
     """Most tokens to generate after the prompt."""
-    temperature: Annotated[float, Knob("temperature", (0.0, 2.0, 0.05), "temp", "temperature")] = Field(
+    temperature: Annotated[float, Knob("temperature", (0.0, 2.0, 0.05), "temp", "temperature", off=1.0)] = Field(
         0.8, ge=0.0, le=5.0)
     """Softmax temperature; 0 decodes greedily (deterministic)."""
     top_p: Annotated[float, Knob("top-p", (0.05, 1.0, 0.05), "top_p", "top_p", off=1.0)] = Field(0.95, gt=0.0, le=1.0)
@@ -103,25 +103,20 @@ class SamplingParams(BaseModel):
 
     @classmethod
     def from_generation_config(cls, config) -> SamplingParams:
-        """A model's saved decoding defaults (any transformers GenerationConfig) as ours; knobs it
-        leaves unset (None) or that fall outside our bounds keep our defaults; greedy when it
-        does not sample."""
+        """What a transformers GenerationConfig decodes with, as ours: a knob it leaves unset
+        takes the value `generate` fills in for it (transformers' defaults, else the knob's
+        `off`), not our defaults; greedy when it does not sample. Not validated against our
+        request bounds: these are the model's own settings, carried over as they are."""
+        filled = getattr(type(config), "_get_default_generation_params", dict)()  # what generate fills in
         values = {}
-        for name in KNOBS:
+        for name, knob in KNOBS.items():
             value = getattr(config, name, None)
-            if value is not None and cls._accepts(name, value):
+            value = filled.get(name, knob.off) if value is None else value
+            if value is not None:
                 values[name] = value
         if not getattr(config, "do_sample", False):
             values["temperature"] = 0.0
-        return cls(**values)
-
-    @classmethod
-    def _accepts(cls, name: str, value: Any) -> bool:
-        try:
-            cls.__pydantic_validator__.validate_assignment(cls.model_construct(), name, value)
-        except ValueError:
-            return False
-        return True
+        return cls.model_construct(**values)
 
 
 KNOBS: dict[str, Knob] = {
