@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import set_seed
 
-from .modeling import LoadedModel
 from .decoding import SamplingParams
+from .modeling import LoadedModel
 from .settings import DecodingCheckSettings
 from .tables import markdown_table
 from .textfilter import BLANK_RUN
@@ -85,9 +85,10 @@ def measure(lm: LoadedModel, name: str, continuations: list[list[int]], n: int, 
 
 def decodings(max_new_tokens: int) -> list[tuple[str, SamplingParams]]:
     default = SamplingParams(max_new_tokens=max_new_tokens)
+    greedy = default.model_copy(update={"temperature": 0.0})
     return [
-        ("greedy (the original)", SamplingParams(max_new_tokens=max_new_tokens, temperature=0, repetition_penalty=1.0)),
-        (SamplingParams(temperature=0).describe(), SamplingParams(max_new_tokens=max_new_tokens, temperature=0)),
+        ("greedy (the original)", greedy.model_copy(update={"repetition_penalty": 1.0})),
+        (greedy.describe(), greedy),
         (f"default ({default.describe()})", default),
     ]
 

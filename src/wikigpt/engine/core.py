@@ -64,7 +64,6 @@ class Engine:
                  stream_backlog: int = 256, quantization: str = "none", prefix_caching: bool = True) -> None:
         self.lm = lm
         self.prefix_caching = prefix_caching  # off where the forward cannot extend a slot (_build)
-        self.tokenizer = lm.tokenizer
         # "auto" is settled by the worker, in _build; a named --dtype is the loaded model's
         self.dtype = dtype if dtype == "auto" or isinstance(dtype, torch.dtype) else lm.dtype
         self.compile = compile
