@@ -73,7 +73,10 @@ $(VLLM_VENV)/.installed:
 llama-server: $(LLAMA_DIR)/build/bin/llama-server
 
 # GGML_NATIVE: compiled for this machine's CPU (AVX2 / AVX-512 / AMX), as llama.cpp's own build
-# does by default; the binary is not meant to be copied to another machine.
+# does by default; the binary is not meant to be copied to another machine. The AVX2-only peer of
+# docs/benchmarks.md on an AVX-512 machine: make llama-server LLAMA_DIR=.llama.cpp-avx2
+# LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=ON
 $(LLAMA_DIR)/build/bin/llama-server: $(VENV)/.installed
 	mkdir -p $(LLAMA_DIR)
 	test -n "$$(ls $(LLAMA_DIR)/llama_cpp_python-*.tar.gz 2>/dev/null)" || \
@@ -81,7 +84,7 @@ $(LLAMA_DIR)/build/bin/llama-server: $(VENV)/.installed
 	rm -rf $(LLAMA_DIR)/src && mkdir -p $(LLAMA_DIR)/src
 	tar -xzf $(LLAMA_DIR)/llama_cpp_python-*.tar.gz -C $(LLAMA_DIR)/src --strip-components=1
 	cmake -S $(LLAMA_DIR)/src/vendor/llama.cpp -B $(LLAMA_DIR)/build -G Ninja -DCMAKE_BUILD_TYPE=Release \
-	  -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+	  $(LLAMA_CMAKE_ARGS) -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
 	cmake --build $(LLAMA_DIR)/build --target llama-server
 	$(LLAMA_DIR)/build/bin/llama-server --version
 

@@ -88,12 +88,21 @@ def load() -> str | None:
     return None
 
 
+# torch's own cap on its vectorised kernels (ATEN_CPU_CAPABILITY=avx2 or default) caps ours too:
+# with FBGEMM_ENABLE_INSTRUCTIONS=AVX2 and ONEDNN_MAX_CPU_ISA=AVX2 beside it, an AVX-512 machine
+# runs every int8 and float product the way an AVX2-only CPU without VNNI does
+# (docs/engine.md#int8-weights).
+_CAPS = {"default": 0, "avx2": 1}
+
+
 def paths() -> list[int]:
-    """The SIMD paths this CPU runs (keys of PATHS), empty where the kernel is unavailable."""
+    """The SIMD paths this CPU runs (keys of PATHS) under ATEN_CPU_CAPABILITY's cap, empty where
+    the kernel is unavailable."""
     if load() is not None:
         return []
     bits = int(torch.ops.wikigpt.q8_paths())
-    return [p for p in PATHS if bits >> p & 1]
+    cap = _CAPS.get(os.environ.get("ATEN_CPU_CAPABILITY", "").lower(), max(PATHS))
+    return [p for p in PATHS if bits >> p & 1 and p <= cap]
 
 
 if __name__ == "__main__":  # `make install`: build now, say what was built and what runs here
