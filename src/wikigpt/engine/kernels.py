@@ -141,9 +141,9 @@ EXACT_ROWS, TILE_ROWS, ROW_STEP = 32, 256, 16
 
 class Linear:
     """y = x W^T + b with the kernels chosen for this dtype. x is 2-D [rows, in]. `float_rows`:
-    the one-row product (with int8 weights, every product) returns float32 (the LM head: its
-    logits are wanted in float32, and converting to bf16 and back is a second pass and a copy of
-    50,304 values)."""
+    the one-row product returns float32 (the LM head: its logits are wanted in float32, and
+    converting to bf16 and back is a second pass and a copy of 50,304 values). With int8 weights
+    every product returns float32, the int8 forward's activations (gpt2.GPT2Forward)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernels: Kernels,
                  float_rows: bool = False) -> None:
@@ -160,8 +160,7 @@ class Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.int8 is not None:  # neither int8 product keeps per-shape state: no tiling needed
-            y = self.int8(x)
-            return y if self.float_rows else y.to(x.dtype)
+            return self.int8(x)
         rows = x.shape[0]
         if rows == 1 and self.gemv is not None:
             return self.gemv(x, self.weight, self.bias)
@@ -176,8 +175,7 @@ class Linear:
         """[residual +] (layer_norm(x) or x) W^T + b: in one call with int8 weights (quantize.py),
         as separate calls otherwise."""
         if self.int8 is not None:
-            y = self.int8(x, ln, eps, residual)
-            return y if self.float_rows else y.to(x.dtype)
+            return self.int8(x, ln, eps, residual)
         if ln is not None:
             x = F.layer_norm(x, (x.shape[-1],), *ln, eps)
         y = self(x)
