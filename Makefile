@@ -36,8 +36,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e '.[all,dev]'
-	# int8 serving's kernel (src/wikigpt/csrc/q8_linear.cpp), compiled once into ~/.cache/wikigpt;
-	# without a C++ compiler this says so and int8 takes FBGEMM where exact (docs/engine.md)
+	# wikigpt's CPU kernels (src/wikigpt/csrc: the int8 product, one row's attention), compiled once
+	# into ~/.cache/wikigpt; without a C++ compiler this says so, int8 takes FBGEMM where exact and
+	# attention SDPA or Inductor's (docs/engine.md)
 	$(PY) -m wikigpt.q8kernel
 	touch $@
 

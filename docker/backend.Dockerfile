@@ -42,8 +42,9 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY src ./src
 RUN pip install -q --no-deps --no-build-isolation . && rm -rf build src/*.egg-info
-# int8 serving's kernel, compiled where the base image has a C++ compiler; without one the server
-# logs why and serves int8 through FBGEMM where exact, else full precision (docs/engine.md)
+# wikigpt's CPU kernels (int8 product, one row's attention), compiled where the base image has a
+# C++ compiler; without one the server logs why and serves int8 through FBGEMM where exact, else
+# full precision (docs/engine.md)
 ENV WIKIGPT_KERNEL_DIR=/opt/wikigpt-kernels
 RUN python3 -m wikigpt.q8kernel
 USER wikigpt

@@ -9,7 +9,8 @@ import torch
 
 from wikigpt.engine import Engine
 from wikigpt.engine.gpt2 import GPT2Forward, unsupported_reason
-from wikigpt.engine.kernels import Kernels, Linear, choose_kernels, compiled_attention, sdpa_decode_attention
+from wikigpt.engine.kernels import (Kernels, Linear, choose_kernels, compiled_attention, cpp_decode_attention,
+                                    sdpa_decode_attention)
 from wikigpt.engine.kv_cache import SlotKVCache
 from wikigpt.generation import generate
 from wikigpt.decoding import SamplingParams
@@ -192,6 +193,42 @@ def test_compiled_attention_takes_any_rows_and_positions(dtype):
         args = (q, keys[:n, :, :span], values[:n, :, :span], mask, hd ** -0.5)
         torch.testing.assert_close(attention(*args), sdpa_decode_attention(*args),
                                    **({} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_cpp_one_row_attention_equals_sdpa(dtype):
+    """wikigpt's C++ kernel (csrc/attention.cpp) on the cache's strided views, at every length a
+    sequence reaches (1 position, a thread's share, DistilGPT2's full context), masked positions
+    skipped, a fully masked row zeros (SDPA gives NaN there), any head size."""
+    from wikigpt import q8kernel
+
+    assert q8kernel.load() is None, q8kernel.load()  # built by `make install` (CI has g++)
+    for heads, hd, context in [(12, 64, 1024), (3, 24, 64)]:
+        keys, values = torch.randn(2, 4, heads, context, hd, dtype=dtype)
+        for span in sorted({s for s in (1, 2, 40, 513, context) if s <= context}):
+            q = torch.randn(1, 3, heads, hd, dtype=dtype)[:, 0]  # a view of a fused QKV output
+            mask = torch.rand(1, 1, span) < 0.8
+            mask[..., 0] = True
+            args = (q, keys[2:3, :, :span], values[2:3, :, :span], mask, hd ** -0.5)
+            got = cpp_decode_attention(*args)
+            assert got.dtype == dtype and got.shape == (1, heads, hd)
+            torch.testing.assert_close(got, sdpa_decode_attention(*args),
+                                       **({} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}))
+    none = torch.zeros(1, 1, 5, dtype=torch.bool)
+    assert cpp_decode_attention(q, keys[:1, :, :5], values[:1, :, :5], none, 0.1).abs().max() == 0
+    with pytest.raises(RuntimeError, match="must all be float32 or all bfloat16"):
+        cpp_decode_attention(q.float() if dtype != torch.float32 else q.double(), keys[:1, :, :5],
+                             values[:1, :, :5], mask[..., :5], 0.1)
+
+
+def test_choose_kernels_keeps_the_fastest_attention_and_says_which(caplog):
+    """Every candidate that gives SDPA's numbers is timed; the log names them all with their times."""
+    with caplog.at_level("INFO", logger="wikigpt.engine"):
+        chosen = choose_kernels(torch.randn(256, 64), compile=False, batch=4, heads=2, head_dim=32, context=128)
+    assert "attention, 1 rows: SDPA" in caplog.text and "wikigpt C++" in caplog.text
+    assert "compiled" not in caplog.text  # compile=False: no Inductor candidate
+    assert chosen.attention.one in (sdpa_decode_attention, cpp_decode_attention)
+    assert chosen.attention.many is sdpa_decode_attention  # the C++ kernel serves one row only
 
 
 def test_other_architectures_use_the_transformers_forward(tmp_path, tiny_model_dir):

@@ -1,4 +1,6 @@
-"""Build and load wikigpt's int8 product (csrc/q8_linear.cpp), a torch operator `wikigpt::q8_linear`.
+"""Build and load wikigpt's CPU kernels, torch operators in one library: the int8 product
+`wikigpt::q8_linear` (csrc/q8_linear.cpp) and one sequence's decoding attention
+`wikigpt::decode_attention` (csrc/attention.cpp).
 
 Built once per (source, torch version, Python) by `make install` (`python -m wikigpt.q8kernel`),
 or at first use, into a cache folder; compiled without `-march=native` (each SIMD path carries
@@ -28,7 +30,7 @@ import torch
 
 log = logging.getLogger("wikigpt.engine")
 
-SOURCE = Path(__file__).parent / "csrc" / "q8_linear.cpp"
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("q8_linear.cpp", "attention.cpp")]
 PATHS = {0: "portable C++", 1: "AVX2", 2: "AVX-512 VNNI"}
 
 
@@ -40,8 +42,9 @@ def cache_dir() -> Path:
 
 
 def library_path() -> Path:
-    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + sys.version.encode()).hexdigest()[:16]
-    return cache_dir() / f"q8_linear-{key}.so"
+    sources = b"".join(src.read_bytes() for src in SOURCES)
+    key = hashlib.sha256(sources + torch.__version__.encode() + sys.version.encode()).hexdigest()[:16]
+    return cache_dir() / f"wikigpt_kernels-{key}.so"
 
 
 def _compile(target: Path) -> None:
@@ -55,14 +58,14 @@ def _compile(target: Path) -> None:
     libs = library_paths()
     cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
            *(f"-I{p}" for p in [*include_paths(), sysconfig.get_paths()["include"]]),
-           str(SOURCE), *(f"-L{p}" for p in libs), *(f"-Wl,-rpath,{p}" for p in libs),
+           *map(str, SOURCES), *(f"-L{p}" for p in libs), *(f"-Wl,-rpath,{p}" for p in libs),
            "-lc10", "-ltorch_cpu"]
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         part = Path(tmp) / target.name
         done = subprocess.run([*cmd, "-o", str(part)], capture_output=True, text=True)
         if done.returncode:
-            raise RuntimeError(f"compiling {SOURCE.name} failed: {done.stderr.strip()[-800:]}")
+            raise RuntimeError(f"compiling {', '.join(src.name for src in SOURCES)} failed: {done.stderr.strip()[-800:]}")
         part.replace(target)  # atomic: a concurrent loader sees no library or a whole one
 
 
@@ -70,7 +73,7 @@ def build() -> Path:
     """The compiled library, compiled now if it is not in the cache."""
     target = library_path()
     if not target.exists():
-        log.info("compiling the int8 kernel %s -> %s", SOURCE.name, target)
+        log.info("compiling wikigpt's kernels %s -> %s", ", ".join(src.name for src in SOURCES), target)
         _compile(target)
     return target
 
@@ -109,6 +112,6 @@ if __name__ == "__main__":  # `make install`: build now, say what was built and 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     why = load()
     if why:
-        print(f"wikigpt int8 kernel not built ({why}); int8 serving uses FBGEMM where it is exact")
+        print(f"wikigpt kernels not built ({why}); int8 serving uses FBGEMM where it is exact")
     else:
-        print(f"wikigpt int8 kernel: {library_path()} (paths here: {', '.join(PATHS[p] for p in paths())})")
+        print(f"wikigpt kernels: {library_path()} (int8 paths here: {', '.join(PATHS[p] for p in paths())})")

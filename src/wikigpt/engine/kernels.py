@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.fx.experimental import _config as fx_config
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from .. import q8kernel
 from ..quantize import Int8Weight, backends
 from ..timing import best_times
 
@@ -61,6 +62,11 @@ def sdpa_decode_attention(q, keys, values, mask, scale):
                                           scale=scale)[:, :, 0]
 
 
+def cpp_decode_attention(q, keys, values, mask, scale):
+    """One row only: wikigpt's C++ kernel (csrc/attention.cpp), where the kernels library loads."""
+    return torch.ops.wikigpt.decode_attention(q, keys, values, mask, scale)
+
+
 def compile_graph(fn: Callable, example: list[torch.Tensor], symbolic: bool = False) -> Callable:
     """`fn` traced and compiled by Inductor for the shapes of `example` (every size symbolic
     except 1 with `symbolic`), called without Dynamo: torch.compile's guard checks and wrappers
@@ -86,7 +92,7 @@ class Attention:
         return (self.one if q.shape[0] == 1 else self.many)(q, keys, values, mask, scale)
 
     def describe(self, fn: Callable) -> str:
-        return "SDPA" if fn is sdpa_decode_attention else "compiled"
+        return {sdpa_decode_attention: "SDPA", cpp_decode_attention: "wikigpt C++"}.get(fn, "compiled")
 
 
 @dataclass
@@ -214,14 +220,15 @@ def choose_kernels(weight: torch.Tensor, *, compile: bool, batch: int = 32, head
     with torch.inference_mode():
         one = torch.randn(1, weight.shape[1], dtype=weight.dtype)
         many = torch.randn(batch, weight.shape[1], dtype=weight.dtype)
+        inductor = compile
         if compile:
             try:
                 kernels.compiled_gemv = _gemv_pays(kernels, weight, one)
-                kernels.attention = _choose_attention(weight.dtype, batch, heads, head_dim, context)
             except Exception as exc:  # no C++ compiler, an Inductor bug: keep eager kernels, say why
-                kernels.compiled_gemv, kernels._gemvs = False, {}
+                kernels.compiled_gemv, kernels._gemvs, inductor = False, {}, False
                 log.warning("Inductor unavailable (%s: %s); decoding uses eager kernels",
                             type(exc).__name__, exception_line(exc))
+        kernels.attention = _choose_attention(weight.dtype, batch, heads, head_dim, context, inductor)
         try:
             packed = _pack(weight)
             run = lambda: torch.ops.mkldnn._linear_pointwise(many, packed, None, "none", [], "")  # noqa: E731
@@ -269,17 +276,26 @@ def _attention_inputs(dtype, n, heads, head_dim, context, span: int = 128):
     return q, keys, values, mask
 
 
-def _choose_attention(dtype: torch.dtype, rows: int, heads: int, head_dim: int, context: int) -> Attention:
-    """For one row and for many, the compiled kernel where it is faster than SDPA."""
+def _choose_attention(dtype: torch.dtype, rows: int, heads: int, head_dim: int, context: int,
+                      inductor: bool) -> Attention:
+    """For one row and for many, the fastest of SDPA, the compiled kernel (with `inductor`) and,
+    for one row, wikigpt's C++ kernel (where its library loads), each kept only where it gives
+    SDPA's numbers."""
     chosen = []
     for n in (1, max(2, rows)):
         inputs = _attention_inputs(dtype, n, heads, head_dim, context)  # ~100 MB at 32 rows: made once
-        fn, args = _compile_attention(inputs, head_dim), (*inputs, head_dim ** -0.5)
-        best = sdpa_decode_attention
-        if _close(fn(*args), sdpa_decode_attention(*args)):
-            fast, slow = best_times(lambda fn=fn, args=args: fn(*args),
-                                     lambda args=args: sdpa_decode_attention(*args))
-            log.info("attention, %d rows: compiled %.2f ms vs SDPA %.2f ms", n, fast * 1e3, slow * 1e3)
-            best = fn if fast < slow else best
-        chosen.append(best)
+        args = (*inputs, head_dim ** -0.5)
+        found = {sdpa_decode_attention: "SDPA"}
+        if n == 1 and q8kernel.load() is None:
+            found[cpp_decode_attention] = "wikigpt C++"
+        if inductor:
+            try:
+                found[_compile_attention(inputs, head_dim)] = "compiled"
+            except Exception as exc:  # an Inductor bug on this graph: the other candidates remain
+                log.warning("attention, %d rows: compiling failed (%s: %s)", n, type(exc).__name__, exception_line(exc))
+        reference = sdpa_decode_attention(*args)
+        fns = [fn for fn in found if fn is sdpa_decode_attention or _close(fn(*args), reference)]
+        times = best_times(*(lambda fn=fn: fn(*args) for fn in fns))
+        log.info("attention, %d rows: %s", n, ", ".join(f"{found[fn]} {t * 1e3:.3f} ms" for fn, t in zip(fns, times)))
+        chosen.append(fns[times.index(min(times))])
     return Attention(*chosen)
