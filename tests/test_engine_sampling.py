@@ -96,3 +96,17 @@ def test_greedy_rows_take_the_argmax_next_to_sampled_rows():
     logits = torch.randn(3, 100)
     out = sample(logits.clone(), [row(0, temperature=0.0), row(1), row(2, temperature=0.0)])
     assert int(out[0]) == int(logits[0].argmax()) and int(out[2]) == int(logits[2].argmax())
+
+
+def test_greedy_takes_torch_argmax_on_strided_rows_ties_and_nan():
+    """The numpy argmax greedy rows take on a CPU picks what torch's does: on a view of a padded
+    LM head's output, at ties (the first) and where a logit is NaN (it, as torch counts NaN largest)."""
+    torch.manual_seed(3)
+    padded = torch.randn(4, 130)
+    logits = padded[:, :100]  # the engine slices the padded head's extra columns off
+    logits[1, 7] = logits[1, 40] = 50.0
+    logits[2, 60] = float("nan")
+    want = logits.argmax(-1).tolist()
+    assert want[1:3] == [7, 60]
+    got = sample(logits, [row(i, temperature=0.0) for i in range(4)])  # the view itself: greedy edits nothing
+    assert got.dtype == torch.long and got.tolist() == want
