@@ -231,6 +231,45 @@ def test_choose_kernels_keeps_the_fastest_attention_and_says_which(caplog):
     assert chosen.attention.many is sdpa_decode_attention  # the C++ kernel serves one row only
 
 
+_COMPILED_VS_PLAIN = """
+import sys, torch
+from wikigpt.modeling import load_model
+from wikigpt.settings import ModelSettings
+from wikigpt.engine.gpt2 import GPT2Forward
+from wikigpt.engine.kv_cache import SlotKVCache
+from wikigpt.engine.kernels import Kernels, compiled_attention
+lm = load_model(ModelSettings(model=sys.argv[1], device="cpu"))
+cfg = lm.model.config
+outs = []
+for kernels in (Kernels(), Kernels(compiled_gemv=True, attention=compiled_attention(
+        torch.float32, 4, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.n_positions))):
+    cache = SlotKVCache(cfg.n_layer, 4, cfg.n_head, cfg.n_positions, cfg.n_embd // cfg.n_head, torch.float32, "cpu")
+    f = GPT2Forward(lm.model, cache, torch.float32, kernels)
+    with torch.inference_mode():
+        f.prefill([0], [[1, 2, 3]])
+        outs.append(f.decode([0], torch.tensor([5])))
+print(float((outs[0] - outs[1]).abs().max()))
+"""
+
+
+@pytest.mark.slow
+def test_an_isa_cap_never_reuses_kernels_compiled_without_it(tiny_model_dir, tmp_path):
+    """Compiled one-row graphs and attention, first natively and then under ATEN_CPU_CAPABILITY=avx2
+    with the same Inductor cache folder: both give the plain forward's logits (torch's cache key
+    leaves the capability out, and a reloaded AVX-512 graph built for AVX2 was 0.6 off)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    env.pop("ATEN_CPU_CAPABILITY", None)
+    for extra in ({}, {"ATEN_CPU_CAPABILITY": "avx2"}):
+        done = subprocess.run([sys.executable, "-c", _COMPILED_VS_PLAIN, str(tiny_model_dir)], capture_output=True,
+                              text=True, timeout=300, env={**env, **extra})
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert float(done.stdout.split()[-1]) < 1e-4, (extra, done.stdout)
+
+
 def test_other_architectures_use_the_transformers_forward(tmp_path, tiny_model_dir):
     """A Llama-shaped model is served through hf.py with the same greedy text as generate."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, set_seed

@@ -15,6 +15,7 @@ weight and kept only where it is faster and gives the same numbers.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -67,11 +68,28 @@ def cpp_decode_attention(q, keys, values, mask, scale):
     return torch.ops.wikigpt.decode_attention(q, keys, values, mask, scale)
 
 
+def _inductor_cache_per_capability() -> None:
+    """Under ATEN_CPU_CAPABILITY (docs/engine.md#int8-weights: an AVX2-only CPU's paths on an
+    AVX-512 machine), Inductor's on-disk cache in a folder of its own. torch 2.13's cache key
+    leaves the capability out: a graph generated for AVX-512's 16-wide vectors was reloaded and
+    compiled for AVX2's 8-wide ones, and gave wrong logits (0.6 off) and NaN attention
+    (tests/test_engine_forward.py)."""
+    cap = os.environ.get("ATEN_CPU_CAPABILITY")
+    if not cap:
+        return
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    base = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir()
+    if not base.endswith(f"-{cap}"):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = f"{base}-{cap}"
+
+
 def compile_graph(fn: Callable, example: list[torch.Tensor], symbolic: bool = False) -> Callable:
     """`fn` traced and compiled by Inductor for the shapes of `example` (every size symbolic
     except 1 with `symbolic`), called without Dynamo: torch.compile's guard checks and wrappers
     cost ~30 us per call, and a DistilGPT2 token makes 31 such calls (~1 ms of ~8). vLLM
     compiles its graphs the same way (InductorStandaloneAdaptor)."""
+    _inductor_cache_per_capability()
     # no duck shaping: sizes that happen to be equal in the example (32 rows, head size 32) must
     # not become one symbol, or the graph would require them equal at every call
     with fx_config.patch(use_duck_shape=False):
