@@ -100,8 +100,9 @@ def compile_graph(fn: Callable, example: list[torch.Tensor], symbolic: bool = Fa
 
 @dataclass
 class Attention:
-    """One-query attention: a compiled or SDPA kernel for one row and for many (one compiled
-    graph cannot serve both: tracing specialises sizes equal to 1)."""
+    """One-query attention: a kernel for one row and one for many (SDPA, wikigpt's C++ kernel for
+    one row, or a compiled graph; one compiled graph cannot serve both: tracing specialises sizes
+    equal to 1)."""
 
     one: Callable
     many: Callable
@@ -109,8 +110,10 @@ class Attention:
     def __call__(self, q, keys, values, mask, scale) -> torch.Tensor:
         return (self.one if q.shape[0] == 1 else self.many)(q, keys, values, mask, scale)
 
-    def describe(self, fn: Callable) -> str:
-        return {sdpa_decode_attention: "SDPA", cpp_decode_attention: "wikigpt C++"}.get(fn, "compiled")
+
+def attention_name(fn: Callable) -> str:
+    """An attention kernel's name in the logs and `/`: anything else is an Inductor graph."""
+    return {sdpa_decode_attention: "SDPA", cpp_decode_attention: "wikigpt C++"}.get(fn, "compiled")
 
 
 @dataclass
@@ -135,7 +138,7 @@ class Kernels:
 
     def describe(self) -> str:
         att = self.attention
-        att = (f"{att.describe(att.one)} (1 row), {att.describe(att.many)} (more)"
+        att = (f"{attention_name(att.one)} (1 row), {attention_name(att.many)} (more)"
                if isinstance(att, Attention) else "SDPA")
         if self.int8:
             return f"products: int8 weights, per-row scales ({backends().describe()}); attention: {att}"
@@ -303,17 +306,18 @@ def _choose_attention(dtype: torch.dtype, rows: int, heads: int, head_dim: int, 
     for n in (1, max(2, rows)):
         inputs = _attention_inputs(dtype, n, heads, head_dim, context)  # ~100 MB at 32 rows: made once
         args = (*inputs, head_dim ** -0.5)
-        found = {sdpa_decode_attention: "SDPA"}
+        found = [sdpa_decode_attention]
         if n == 1 and q8kernel.load() is None:
-            found[cpp_decode_attention] = "wikigpt C++"
+            found.append(cpp_decode_attention)
         if inductor:
             try:
-                found[_compile_attention(inputs, head_dim)] = "compiled"
+                found.append(_compile_attention(inputs, head_dim))
             except Exception as exc:  # an Inductor bug on this graph: the other candidates remain
                 log.warning("attention, %d rows: compiling failed (%s: %s)", n, type(exc).__name__, exception_line(exc))
         reference = sdpa_decode_attention(*args)
         fns = [fn for fn in found if fn is sdpa_decode_attention or _close(fn(*args), reference)]
         times = best_times(*(lambda fn=fn: fn(*args) for fn in fns))
-        log.info("attention, %d rows: %s", n, ", ".join(f"{found[fn]} {t * 1e3:.3f} ms" for fn, t in zip(fns, times)))
+        log.info("attention, %d rows: %s", n,
+                 ", ".join(f"{attention_name(fn)} {t * 1e3:.3f} ms" for fn, t in zip(fns, times)))
         chosen.append(fns[times.index(min(times))])
     return Attention(*chosen)
