@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -121,19 +124,21 @@ def test_activations_never_saturate():
         torch.testing.assert_close(run(q, x), x @ w.T, rtol=1e-2, atol=0, msg=name)
 
 
+def _python(code: str, env: dict) -> subprocess.CompletedProcess:
+    """`code` in a fresh interpreter with `env` over ours (backends() is measured once per process)."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **env})
+    assert done.returncode == 0, done.stderr
+    return done
+
+
 @pytest.mark.parametrize("env", [{"WIKIGPT_Q8_KERNEL": "0"}, {"CXX": "/nonexistent/c++", "PATH": "/nonexistent"}])
 def test_without_the_kernel_int8_says_why_and_never_crashes(env, tmp_path):
     """No compiler (an empty kernel cache, no c++ on PATH) or the kernel turned off: FBGEMM
     serves where its 8-bit activations are exact, else int8 is unavailable with the reason."""
-    code = ("from wikigpt import quantize as q; b = q.backends(); "
-            "print(b.q8_why); print(b.describe()); print(q.unavailable())")
-    import os
-    import subprocess
-    import sys
-
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "WIKIGPT_KERNEL_DIR": str(tmp_path), **env})
-    assert done.returncode == 0, done.stderr
+    done = _python("from wikigpt import quantize as q; b = q.backends(); "
+                   "print(b.q8_why); print(b.describe()); print(q.unavailable())",
+                   {"WIKIGPT_KERNEL_DIR": str(tmp_path), **env})
     why, describe, unavailable_ = done.stdout.splitlines()
     assert why != "None" and ("WIKIGPT_Q8_KERNEL" in why or "compiler" in why)
     if backends().fbgemm_exact:
@@ -150,18 +155,10 @@ def test_an_avx2_cap_runs_int8_as_an_avx2_cpu_without_vnni_does():
     """torch's ISA caps (what docs/engine.md's AVX2 figures were measured under on AVX-512 CPUs):
     FBGEMM's pair sums saturate as without VNNI, so our kernel's AVX2 path serves every row count,
     and its products still equal the dequantized reference within 8-bit rounding."""
-    code = ("import torch; from wikigpt import quantize as q, q8kernel; b = q.backends(); "
-            "print(q8kernel.paths(), b.q8_path, b.fbgemm_exact, b.describe()); "
-            "w = torch.randn(768, 3072); x = torch.randn(33, 3072); "
-            "e = (q.Int8Weight(w)(x) - x @ q.Int8Weight(w).dequantized()[0].T).norm() / (x @ w.T).norm(); "
-            "print(float(e))")
-    import os
-    import subprocess
-    import sys
-
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **AVX2_ONLY})
-    assert done.returncode == 0, done.stderr
+    done = _python("import torch; from wikigpt import quantize as q, q8kernel; b = q.backends(); "
+                   "print(q8kernel.paths(), b.q8_path, b.fbgemm_exact, b.describe()); "
+                   "w = torch.randn(768, 3072); x = torch.randn(33, 3072); i8 = q.Int8Weight(w); "
+                   "print(float((i8(x) - x @ i8.dequantized()[0].T).norm() / (x @ w.T).norm()))", AVX2_ONLY)
     facts, error = done.stdout.splitlines()
     assert facts == "[0, 1] 1 False wikigpt q8 kernel (AVX2, int8 activations per block of 32)", facts
     assert float(error) < 0.01  # 8-bit activations per block of 32: 0.5 % on Zen 4; FBGEMM's 7-bit gave 2.2 %
